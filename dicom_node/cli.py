@@ -1,0 +1,127 @@
+"""The ``dicom-node`` command line.
+
+Node commands (``serve``, ``check-config``, ``status``, ``studies``) read the
+configuration; model commands (``infer``, ``model ...``) live in
+:mod:`dicom_node.cli_model` and import torch only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from dicom_node.errors import ConfigError, NodeError
+
+log = logging.getLogger("dicom_node")
+
+
+def _load_config(args):
+    from dicom_node.config import load_config
+
+    return load_config(args.config)
+
+
+def cmd_check_config(args) -> int:
+    cfg = _load_config(args)
+    print(f"{args.config}: OK (node {cfg.node.ae_title} on {cfg.node.bind}:{cfg.node.port}, "
+          f"{len(cfg.peers)} peer(s), storage {cfg.storage.path})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from dicom_node.node import Node
+
+    cfg = _load_config(args)
+    node = Node(cfg)
+    node.serve_forever()
+    return 0
+
+
+def _open_index(args):
+    from storage.index import Index
+
+    cfg = _load_config(args)
+    return Index(cfg.storage.database_url)
+
+
+def cmd_status(args) -> int:
+    index = _open_index(args)
+    try:
+        status = index.status()
+    finally:
+        index.close()
+    if args.json:
+        print(json.dumps(status, sort_keys=True))
+    else:
+        print(f"instances: {status['instances']}")
+        print(f"studies:   {status['studies']}")
+        for state, n in sorted(status["studies_by_state"].items()):
+            print(f"  {state:<14} {n}")
+    return 0
+
+
+def cmd_studies(args) -> int:
+    index = _open_index(args)
+    try:
+        rows = index.list_studies(limit=args.limit, state=args.state)
+    finally:
+        index.close()
+    if args.json:
+        print(json.dumps(rows, sort_keys=True))
+        return 0
+    print(f"{'StudyInstanceUID':<64} {'state':<10} {'n':>5} {'calling AE':<16} last received")
+    for r in rows:
+        print(f"{r['StudyInstanceUID']:<64} {r['state']:<10} {r['instances']:>5} "
+              f"{r['calling_ae'] or '':<16} {r['last_received'] or ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dicom-node", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=os.environ.get("MSKNODE_CONFIG", "config.yaml"),
+                   help="configuration file (default: config.yaml, or $MSKNODE_CONFIG)")
+    p.add_argument("--log-level", default=None, help="override logging.level (DEBUG, INFO, ...)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the node in the foreground")
+    s.set_defaults(func=cmd_serve)
+    s = sub.add_parser("check-config", help="validate the configuration and exit")
+    s.set_defaults(func=cmd_check_config)
+    s = sub.add_parser("status", help="instances and studies per state")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+    s = sub.add_parser("studies", help="list studies")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--state", default=None, help="only studies in this state")
+    s.add_argument("--limit", type=int, default=1000)
+    s.set_defaults(func=cmd_studies)
+
+    from dicom_node import cli_model
+
+    cli_model.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from dicom_node.logs import setup_logging
+
+    setup_logging(args.log_level or os.environ.get("MSKNODE_LOG_LEVEL") or "INFO")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except NodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Plain result objects: what ``inference`` hands to the rest of the node.
+
+No torch, no DICOM in here: numbers, labels, boxes and arrays. ``dicom_node``
+encodes these as a TID 1500 SR and secondary captures; the JSON form is what
+``dicom-node infer --json`` prints.
+
+Coordinates are in the *source image's* pixel geometry: x is the column,
+y the row, (0, 0) the top-left corner of the top-left pixel, boxes are
+``(x0, y0, x1, y1)`` with x1/y1 exclusive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+Decision = Literal["absent", "suspected", "definite"]
+
+
+@dataclass(frozen=True)
+class CodedConcept:
+    """A code as the bundle's card declares it (scheme designator, value, meaning)."""
+
+    value: str
+    scheme_designator: str
+    meaning: str
+    scheme_version: str | None = None
+
+
+@dataclass(frozen=True)
+class OperatingPoints:
+    """Two thresholds on a probability: high-sensitivity 'suspected', high-specificity 'definite'."""
+
+    suspected: float
+    definite: float
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.suspected <= self.definite <= 1.0):
+            raise ValueError(f"operating points must satisfy 0 <= suspected <= definite <= 1, got {self}")
+
+    def decide(self, probability: float) -> Decision:
+        if probability >= self.definite:
+            return "definite"
+        if probability >= self.suspected:
+            return "suspected"
+        return "absent"
+
+
+@dataclass(frozen=True)
+class BinaryFinding:
+    """A present/absent finding (fracture, bone tumour, hardware)."""
+
+    name: str
+    probability: float
+    operating_points: OperatingPoints
+    concept: CodedConcept | None = None
+
+    @property
+    def decision(self) -> Decision:
+        return self.operating_points.decide(self.probability)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "probability": float(self.probability),
+            "decision": self.decision,
+            "thresholds": {"suspected": self.operating_points.suspected,
+                           "definite": self.operating_points.definite},
+        }
+
+
+@dataclass(frozen=True)
+class CategoricalFinding:
+    """A one-of-N finding (anatomy, view, Kellgren-Lawrence grade)."""
+
+    name: str
+    labels: tuple[str, ...]
+    probabilities: tuple[float, ...]
+    concepts: tuple[CodedConcept, ...] | None = None  # one per label, same order
+
+    def __post_init__(self) -> None:
+        if len(self.labels) != len(self.probabilities):
+            raise ValueError("labels and probabilities differ in length")
+
+    @property
+    def index(self) -> int:
+        return int(np.argmax(self.probabilities))
+
+    @property
+    def label(self) -> str:
+        return self.labels[self.index]
+
+    @property
+    def confidence(self) -> float:
+        return float(self.probabilities[self.index])
+
+    @property
+    def concept(self) -> CodedConcept | None:
+        return self.concepts[self.index] if self.concepts else None
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "label": self.label,
+            "confidence": self.confidence,
+            "probabilities": dict(zip(self.labels, map(float, self.probabilities))),
+        }
+
+
+@dataclass(frozen=True)
+class Region:
+    """A localised region on the source image."""
+
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in source pixels
+    score: float  # peak value of the map inside the region
+    area_px: int  # area in source pixels
+    source: Literal["anomaly", "fracture"]
+
+    def to_json(self) -> dict:
+        return {"box": [float(v) for v in self.box], "score": float(self.score),
+                "area_px": int(self.area_px), "source": self.source}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of the model that produced a result (from the bundle)."""
+
+    name: str
+    version: str
+    weights_sha256: str
+    manufacturer: str
+    for_diagnostic_use: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """Everything the model says about one image.
+
+    ``image_id`` is the caller's identifier (a SOPInstanceUID, a file path).
+    ``processed`` is False when the image could not be processed; then
+    ``reason`` says why and the findings are None/empty.
+    Maps are float32 arrays of shape ``(rows, columns)`` in the source geometry,
+    scaled to 0..1 for display (``anomaly_map``: normalised reconstruction error;
+    ``fracture_map``: the fracture head's localisation).
+    """
+
+    image_id: str
+    rows: int
+    columns: int
+    processed: bool = True
+    reason: str | None = None
+    fracture: BinaryFinding | None = None
+    tumour: BinaryFinding | None = None
+    kl_grade: CategoricalFinding | None = None
+    anatomy: CategoricalFinding | None = None
+    view: CategoricalFinding | None = None
+    anomaly_map: np.ndarray | None = field(default=None, repr=False, compare=False)
+    fracture_map: np.ndarray | None = field(default=None, repr=False, compare=False)
+    regions: tuple[Region, ...] = ()  # anomaly regions
+    fracture_regions: tuple[Region, ...] = ()
+
+    @classmethod
+    def not_processed(cls, image_id: str, reason: str, rows: int = 0, columns: int = 0) -> "ImageResult":
+        return cls(image_id=image_id, rows=rows, columns=columns, processed=False, reason=reason)
+
+    def findings(self) -> list[BinaryFinding | CategoricalFinding]:
+        return [f for f in (self.fracture, self.tumour, self.kl_grade, self.anatomy, self.view) if f is not None]
+
+    def to_json(self) -> dict:
+        return {
+            "image_id": self.image_id,
+            "rows": self.rows,
+            "columns": self.columns,
+            "processed": self.processed,
+            "reason": self.reason,
+            "findings": {f.name: f.to_json() for f in self.findings()},
+            "regions": [r.to_json() for r in self.regions],
+            "fracture_regions": [r.to_json() for r in self.fracture_regions],
+        }
