@@ -80,3 +80,9 @@ def dicom_status_for(exc: BaseException) -> int:
     if isinstance(exc, OSError):
         return 0xA700
     return 0xC210
+
+
+class DatasetMismatch(InvalidDataset):
+    """The dataset does not match the SOP class it was sent under (0xA900)."""
+
+    dicom_status = 0xA900

@@ -1,0 +1,232 @@
+"""``config.yaml``: typed, validated at start-up, every error names its key and file.
+
+Environment variables override keys: ``MSKNODE__<SECTION>__<KEY>=value``
+(double underscores separate the levels; a list index is a number, as in
+``MSKNODE__PEERS__0__PORT=4243``). Values are read as YAML scalars, so
+``MSKNODE__NODE__PORT=11113`` is the integer 11113. Relative paths (and a
+relative SQLite path in ``database_url``) are taken relative to the directory
+of the configuration file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dicom_node.errors import ConfigError
+
+ENV_PREFIX = "MSKNODE__"
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def _check_ae_title(value: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("an AE title must not be empty")
+    if len(stripped) > 16:
+        raise ValueError(f"an AE title has at most 16 characters, {stripped!r} has {len(stripped)}")
+    if "\\" in stripped or any(ord(c) < 0x20 or ord(c) > 0x7E for c in stripped):
+        raise ValueError(f"{stripped!r}: an AE title has printable ASCII characters and no backslash")
+    return stripped
+
+
+def _check_host(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(value):
+        raise ValueError(f"{value!r} is neither an IP address nor a host name")
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Host = Annotated[str, AfterValidator(_check_host)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class NodeSection(_Section):
+    ae_title: AETitle = "MSKNODE"
+    bind: Host = "0.0.0.0"
+    port: Port = 11112
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
+
+
+class Peer(_Section):
+    ae_title: AETitle
+    host: Host | None = None
+    port: Port | None = None
+
+
+class StorageSection(_Section):
+    path: Path = Path("./var")
+    database_url: str = "sqlite:///./var/index.sqlite"
+    min_free_mb: Annotated[int, Field(ge=0)] = 1024
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(v)
+        except ArgumentError as exc:
+            raise ValueError(f"not a database URL: {exc}") from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database {url.get_backend_name()!r} (sqlite or postgresql)")
+        return v
+
+
+class StudySection(_Section):
+    quiet_seconds: Annotated[float, Field(gt=0, le=86400)] = 10.0
+
+
+class LoggingSection(_Section):
+    level: str = "INFO"
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return v
+
+
+class Config(_Section):
+    node: NodeSection = NodeSection()
+    peers: list[Peer] = Field(min_length=1)
+    storage: StorageSection = StorageSection()
+    study: StudySection = StudySection()
+    logging: LoggingSection = LoggingSection()
+
+    #: where the configuration was read from (not a YAML key)
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_peers(self) -> "Config":
+        seen: set[str] = set()
+        for i, peer in enumerate(self.peers):
+            if peer.ae_title in seen:
+                raise ValueError(f"peers[{i}].ae_title: {peer.ae_title!r} is listed twice")
+            seen.add(peer.ae_title)
+        return self
+
+    def peer(self, ae_title: str) -> Peer | None:
+        for p in self.peers:
+            if p.ae_title == ae_title.strip():
+                return p
+        return None
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _apply_env(data: dict, environ: dict[str, str]) -> dict:
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if not parts:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            key: Any = int(part) if part.isdigit() else part
+            if isinstance(node, list):
+                if not isinstance(key, int) or key >= len(node):
+                    raise ConfigError(f"environment variable {name}: no list item {part}", key=".".join(parts))
+            elif not isinstance(node, dict):
+                raise ConfigError(f"environment variable {name}: {'.'.join(parts[:i])} is not a section",
+                                  key=".".join(parts))
+            if last:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and key not in node:
+                    node[key] = {}
+                node = node[key]
+    return data
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    storage = cfg.storage
+    path = storage.path if storage.path.is_absolute() else (base / storage.path)
+    url = storage.database_url
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != "sqlite://" \
+            and ":memory:" not in url:
+        url = prefix + str((base / url[len(prefix):]).resolve())
+    storage = storage.model_copy(update={"path": path.resolve(), "database_url": url})
+    return cfg.model_copy(update={"storage": storage})
+
+
+def parse_config(data: Any, *, source: str = "<config>", base: Path | None = None,
+                 environ: dict[str, str] | None = None) -> Config:
+    """Validate ``data`` (the parsed YAML) into a :class:`Config`; raise :class:`ConfigError`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("the file must hold a mapping of sections (node, peers, storage, study)", path=source)
+    data = _apply_env(data, dict(os.environ) if environ is None else environ)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = _loc(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required value is missing"
+        elif err["type"] != "value_error" and "input" in err and not isinstance(err["input"], (dict, list)):
+            msg = f"{msg} (got {err['input']!r})"
+        more = f" (and {len(exc.errors()) - 1} more error(s))" if len(exc.errors()) > 1 else ""
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        raise ConfigError(msg + more, key=key, path=source) from None
+    cfg = _resolve_paths(cfg, base or Path.cwd())
+    return cfg.model_copy(update={"source": Path(source) if source != "<config>" else None})
+
+
+def load_config(path: str | os.PathLike, environ: dict[str, str] | None = None) -> Config:
+    """Read and validate a configuration file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError("file not found", path=str(p)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", path=str(p)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", path=str(p)) from None
+    return parse_config(data, source=str(p), base=p.resolve().parent, environ=environ)

@@ -1,0 +1,314 @@
+"""The C-ECHO / C-STORE service class provider.
+
+The C-STORE handler only persists and records: it checks the dataset, writes
+the bytes as they arrived (durably), records the instance in the index in one
+transaction, tells the tracker, and only then answers success. Every error
+becomes a DICOM status (0xA700 out of resources, 0xA900 mismatch, 0xC210
+cannot understand) and a log line; the association and the node go on.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification
+
+from dicom_node.config import Config
+from dicom_node.errors import DatasetMismatch, InvalidDataset, NodeError, dicom_status_for
+from dicom_node.sop import NATIVE_SYNTAXES, STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from storage.files import InstanceStore
+from storage.index import Index, InstanceMeta
+
+log = logging.getLogger("dicom_node.listener")
+
+_SUPPORTED_TS = frozenset(TRANSFER_SYNTAXES)
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def valid_uid(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID.match(value))
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        v = ds.get(keyword)
+        return int(v) if v is not None and v != "" else None
+    except (TypeError, ValueError):
+        return None
+
+
+def instance_meta(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> InstanceMeta:
+    """Check a received dataset and take the attributes the index keeps.
+
+    ``sop_class_uid``/``sop_instance_uid`` are those of the C-STORE request
+    (Affected SOP Class/Instance UID); ``transfer_syntax`` the context's.
+    Raises :class:`InvalidDataset` (0xC210) or :class:`DatasetMismatch` (0xA900).
+    """
+    try:
+        uids = {k: ds.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
+    except Exception as exc:  # pydicom raises many kinds on garbage
+        raise InvalidDataset(f"dataset cannot be parsed: {exc}") from None
+    for k, v in uids.items():
+        if v is None or v == "":
+            raise InvalidDataset(f"{k} is missing")
+        if not valid_uid(str(v)):
+            raise InvalidDataset(f"{k} is not a valid UID")
+    if str(uids["SOPClassUID"]) != sop_class_uid:
+        raise DatasetMismatch("SOPClassUID differs from the Affected SOP Class UID of the request")
+    if str(uids["SOPInstanceUID"]) != sop_instance_uid:
+        raise InvalidDataset("SOPInstanceUID differs from the Affected SOP Instance UID of the request")
+    _check_pixel_data(ds, transfer_syntax)
+
+    laterality = _text(ds, "ImageLaterality") or _text(ds, "Laterality")
+    return InstanceMeta(
+        SOPInstanceUID=str(uids["SOPInstanceUID"]), SOPClassUID=sop_class_uid,
+        StudyInstanceUID=str(uids["StudyInstanceUID"]), SeriesInstanceUID=str(uids["SeriesInstanceUID"]),
+        TransferSyntaxUID=transfer_syntax,
+        PatientID=_text(ds, "PatientID"), IssuerOfPatientID=_text(ds, "IssuerOfPatientID"),
+        PatientName=_text(ds, "PatientName"), PatientBirthDate=_text(ds, "PatientBirthDate"),
+        PatientSex=_text(ds, "PatientSex"), StudyDate=_text(ds, "StudyDate"), StudyTime=_text(ds, "StudyTime"),
+        AccessionNumber=_text(ds, "AccessionNumber"), StudyDescription=_text(ds, "StudyDescription"),
+        SeriesNumber=_text(ds, "SeriesNumber"), SeriesDescription=_text(ds, "SeriesDescription"),
+        Modality=_text(ds, "Modality"), BodyPartExamined=_text(ds, "BodyPartExamined"),
+        ViewPosition=_text(ds, "ViewPosition"), Laterality=laterality,
+        InstanceNumber=_text(ds, "InstanceNumber"),
+        PhotometricInterpretation=_text(ds, "PhotometricInterpretation"),
+        Rows=_int(ds, "Rows"), Columns=_int(ds, "Columns"),
+    )
+
+
+def _check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
+    """Image SOP classes need whole pixel data: a truncated stream is refused, not stored."""
+    if "PixelData" not in ds:
+        raise InvalidDataset("Pixel Data is missing (truncated or empty dataset)")
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    bits = _int(ds, "BitsAllocated")
+    if not rows or not cols or not bits:
+        raise InvalidDataset("Rows, Columns or Bits Allocated is missing")
+    if transfer_syntax in NATIVE_SYNTAXES:
+        spp = _int(ds, "SamplesPerPixel") or 1
+        frames = _int(ds, "NumberOfFrames") or 1
+        expected = (rows * cols * spp * frames * bits + 7) // 8
+        got = len(ds["PixelData"].value or b"")
+        if got < expected:
+            raise InvalidDataset(f"Pixel Data holds {got} bytes, {expected} expected (truncated)")
+    else:
+        value = ds["PixelData"].value
+        if not value or len(value) < 8 or value[:4] != b"\xfe\xff\x00\xe0":
+            raise InvalidDataset("encapsulated Pixel Data has no Basic Offset Table item (truncated or corrupt)")
+
+
+@dataclass
+class _AssocStats:
+    calling_ae: str
+    address: str
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    failed: int = 0
+    resent: int = 0
+    bytes: int = 0
+
+
+def _normalise(address: str | None) -> str | None:
+    if not address:
+        return None
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def _resolve(host: str) -> set[str]:
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        log.warning("peer host %s does not resolve; that peer cannot connect", host)
+        return set()
+    return {_normalise(i[4][0]) for i in infos}  # type: ignore[misc]
+
+
+class Listener:
+    """The node's DICOM front door."""
+
+    def __init__(self, cfg: Config, store: InstanceStore, index: Index, on_recorded=None):
+        self.cfg = cfg
+        self.store = store
+        self.index = index
+        self.on_recorded = on_recorded  # called with a RecordOutcome after each committed instance
+        self.quiet = cfg.study.quiet_seconds
+        self._stats: dict[int, _AssocStats] = {}
+        self._lock = threading.Lock()
+        self.server = None
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        # calling AE title -> addresses it may connect from (None: any); checked on EVT_REQUESTED
+        self._peers = {p.ae_title: (_resolve(p.host) if p.host else None) for p in self.cfg.peers}
+        ae = AE(self.cfg.node.ae_title)
+        ae.require_called_aet = True
+        ae.maximum_associations = self.cfg.node.max_associations
+        ae.maximum_pdu_size = 0  # no limit: fewer, larger P-DATA PDUs from peers that allow it
+        ae.network_timeout = 60
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        ae.add_supported_context(Verification)
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        return ae
+
+    # -- lifecycle -----------------------------------------------------------
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+        ]
+        self.server = self.ae.start_server((self.cfg.node.bind, self.cfg.node.port), block=False,
+                                           evt_handlers=handlers)
+        log.info("listening as %s on %s:%d (%d peer(s) allowed)", self.cfg.node.ae_title, self.cfg.node.bind,
+                 self.cfg.node.port, len(self.cfg.peers))
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    # -- events --------------------------------------------------------------
+    def _on_requested(self, event) -> None:
+        """A-ASSOCIATE-RQ received: admit only configured peers, then prefer the caller's own syntaxes.
+
+        pynetdicom negotiates in the acceptor's order of transfer syntaxes; to store
+        what arrives as it arrived, each association gets contexts ordered as the
+        requestor proposed them (a sender lists its file's own syntax first).
+        """
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        calling = str(rq.calling_ae_title).strip()
+        address = _normalise(assoc.requestor.address)
+        if calling not in self._peers:
+            log.warning("association rejected: calling AE %r from %s is not a configured peer", calling, address)
+            self._reject(assoc)
+            return
+        hosts = self._peers[calling]
+        if hosts is not None and address not in hosts:
+            log.warning("association rejected: calling AE %r connected from %s, not from its configured host",
+                        calling, address)
+            self._reject(assoc)
+            return
+        order: dict[str, list[str]] = {}
+        for cx in rq.presentation_context_definition_list:
+            if cx.abstract_syntax in STORAGE_SOP_CLASSES:
+                lst = order.setdefault(cx.abstract_syntax, [])
+                lst.extend(ts for ts in cx.transfer_syntax if ts in _SUPPORTED_TS and ts not in lst)
+        contexts = [build_context(Verification)]
+        for sop_class in STORAGE_SOP_CLASSES:
+            preferred = order.get(sop_class, [])
+            contexts.append(build_context(sop_class, preferred + [t for t in TRANSFER_SYNTAXES
+                                                                  if t not in preferred]))
+        assoc.acceptor.supported_contexts = contexts
+
+    @staticmethod
+    def _reject(assoc) -> None:
+        """A-ASSOCIATE-RJ: rejected-permanent, service user, calling AE title not recognised."""
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        assoc.kill()  # as pynetdicom does after its own rejections: lets the DUL send the PDU and stop
+
+    def _on_accepted(self, event) -> None:
+        req = event.assoc.requestor
+        with self._lock:
+            self._stats[id(event.assoc)] = _AssocStats(req.ae_title, f"{req.address}:{req.port}")
+
+    def _on_rejected(self, event) -> None:
+        req = event.assoc.requestor
+        called = getattr(req.primitive, "called_ae_title", "") if req.primitive else ""
+        log.warning("association rejected: calling AE %r from %s, called AE %r (not %r) or no capacity",
+                    req.ae_title, req.address, str(called).strip(), self.cfg.node.ae_title)
+
+    def _on_closed(self, event) -> None:
+        with self._lock:
+            st = self._stats.pop(id(event.assoc), None)
+        if st is None:
+            return
+        how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        log.info("association %s: calling AE %s from %s, %d stored (%d re-sent), %d failed, %.1f MB in %.2f s",
+                 how, st.calling_ae, st.address, st.stored, st.resent, st.failed, st.bytes / 1e6,
+                 time.monotonic() - st.started)
+
+    def _on_echo(self, event) -> int:
+        return 0x0000
+
+    def _on_store(self, event) -> int:
+        st = self._stats.get(id(event.assoc))
+        calling = event.assoc.requestor.ae_title
+        try:
+            status = self._store(event, calling)
+        except NodeError as exc:
+            status = exc.dicom_status
+            log.warning("C-STORE from %s refused with 0x%04X: %s", calling, status, exc)
+        except Exception as exc:  # never let an error escape into pynetdicom's thread
+            status = dicom_status_for(exc)
+            log.error("C-STORE from %s failed with 0x%04X: %s: %s", calling, status, type(exc).__name__, exc)
+        if st is not None:
+            if status == 0x0000:
+                st.stored += 1
+            else:
+                st.failed += 1
+        return status
+
+    def _store(self, event, calling: str) -> int:
+        request = event.request
+        context = event.context
+        sop_class = str(request.AffectedSOPClassUID)
+        sop_instance = str(request.AffectedSOPInstanceUID)
+        if not valid_uid(sop_instance):
+            raise InvalidDataset("Affected SOP Instance UID is not a valid UID")
+        self.store.check_space()
+        try:
+            ds = event.dataset
+        except Exception as exc:
+            raise InvalidDataset(f"dataset cannot be decoded: {type(exc).__name__}: {exc}") from None
+        meta = instance_meta(ds, sop_class, sop_instance, str(context.transfer_syntax))
+        data = event.encoded_dataset()
+        rel = self.store.instance_relpath(meta.StudyInstanceUID, meta.SOPInstanceUID)
+        stored = self.store.write(rel, data)
+        outcome = self.index.record_instance(meta, rel, stored.size, calling, self.quiet)
+        if outcome.obsolete_file:
+            self.store.delete(outcome.obsolete_file)
+        st = self._stats.get(id(event.assoc))
+        if st is not None:
+            st.bytes += stored.size
+            st.resent += int(outcome.resent)
+        if outcome.event != "instance":
+            log.info("study %s: %s (calling AE %s)", outcome.StudyInstanceUID,
+                     "new study, receiving" if outcome.event == "new_study" else "late instance, receiving again",
+                     calling)
+        if outcome.resent:
+            log.info("instance re-sent; the earlier copy was replaced (study %s)", outcome.StudyInstanceUID)
+        if self.on_recorded is not None:
+            self.on_recorded(outcome)
+        return 0x0000

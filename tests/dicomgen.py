@@ -1,0 +1,165 @@
+"""Build real DX/CR test datasets from the shared radiographs and the pydicom-data files.
+
+The shared FracAtlas and knee images are 8-bit JPEGs; here they become
+DX "for presentation" images (12 bits stored, MONOCHROME2, explicit VR little
+endian) with the usual patient/study/series attributes, so that the node and
+the model see what a modality would send. Nothing about the pixels is invented.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID,
+                         generate_uid)
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("MSK_DATA", REPO.parent / "shared" / "data" / "msk-xray"))
+FRACATLAS = SHARED / "fracatlas"
+KNEE = SHARED / "knee-kl"
+
+# SNOMED CT codes of the body parts used here (DICOM PS3.16 CID 4031).
+_BODYPART_CODES = {"HAND": ("85562004", "Hand"), "LEG": ("30021000", "Lower leg"), "HIP": ("24136001", "Hip joint"),
+                   "SHOULDER": ("16982005", "Shoulder region"), "KNEE": ("72696002", "Knee"),
+                   "EXTREMITY": ("66019005", "Limb")}
+_REGION_TO_BODYPART = {"hand": "HAND", "leg": "LEG", "hip": "HIP", "shoulder": "SHOULDER", "mixed": "EXTREMITY"}
+
+
+def shared_available() -> bool:
+    return (FRACATLAS / "labels.csv").exists()
+
+
+def fracatlas_images(n: int, *, offset: int = 0) -> list[Path]:
+    """The first ``n`` FracAtlas images (sorted by name) after ``offset``."""
+    files = sorted((FRACATLAS / "images").glob("IMG*.jpg"))
+    if len(files) < offset + n:
+        raise FileNotFoundError(f"need {offset + n} FracAtlas images under {FRACATLAS}, found {len(files)}")
+    return files[offset:offset + n]
+
+
+def dx_from_image(image_path: Path | str, *, study_uid: str | None = None, series_uid: str | None = None,
+                  patient_id: str = "MSK0001", patient_name: str = "TEST^MSK", body_part: str = "EXTREMITY",
+                  view_position: str = "", instance_number: int = 1, scale: int = 1) -> Dataset:
+    """A DX For Presentation dataset with the pixels of ``image_path`` (8-bit -> 12 bits stored).
+
+    ``scale`` enlarges the image by an integer factor (nearest neighbour), to reach
+    the sizes of real detectors for throughput tests.
+    """
+    img = np.asarray(Image.open(image_path).convert("L"), dtype=np.uint16)
+    if scale > 1:
+        img = np.kron(img, np.ones((scale, scale), dtype=np.uint16))
+    pixels = (img * 16 + 8).astype(np.uint16)  # 8 -> 12 bits
+
+    now = _dt.datetime.now()
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.AccessionNumber = "ACC0001"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = instance_number
+    ds.Modality = "DX"
+    ds.Manufacturer = "MSK test data"
+    ds.BodyPartExamined = body_part
+    ds.ViewPosition = view_position
+    ds.ImageLaterality = "U"
+    ds.PatientOrientation = ["L", "F"]
+    ds.PositionerType = ""
+    code, meaning = _BODYPART_CODES.get(body_part, ("66019005", "Limb"))
+    region = Dataset()
+    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = code, "SCT", meaning
+    ds.AnatomicRegionSequence = [region]
+    ds.AcquisitionContextSequence = []
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.BurnedInAnnotation = "NO"
+    ds.DetectorType = "SCINTILLATOR"
+    ds.ImagerPixelSpacing = [0.15, 0.15]
+    ds.PixelSpacing = [0.15, 0.15]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.WindowCenter = 2048
+    ds.WindowWidth = 4096
+    ds.PixelIntensityRelationship = "LIN"
+    ds.PixelIntensityRelationshipSign = 1
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.LossyImageCompression = "01"  # the source JPEGs were lossy
+    ds.LossyImageCompressionRatio = 10
+    ds.LossyImageCompressionMethod = "ISO_10918_1"
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def write_dx_study(out_dir: Path, images: list[Path], *, study_uid: str | None = None, scale: int = 1,
+                   patient_id: str = "MSK0001") -> list[Path]:
+    """Write one study (one series) of DX files built from ``images``; returns the file paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    paths = []
+    for i, img in enumerate(images, 1):
+        ds = dx_from_image(img, study_uid=study_uid, series_uid=series_uid, instance_number=i, scale=scale,
+                           patient_id=patient_id)
+        p = out_dir / f"dx_{i:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+def copy_with_new_uids(src: Path | str, dst: Path, *, study_uid: str | None = None,
+                       series_uid: str | None = None) -> Path:
+    """Copy a DICOM file with a new SOP Instance UID (and optionally study/series), pixel data untouched."""
+    ds = pydicom.dcmread(src)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if study_uid:
+        ds.StudyInstanceUID = study_uid
+    if series_uid:
+        ds.SeriesInstanceUID = series_uid
+    ds.save_as(dst, enforce_file_format=True)
+    return dst
+
+
+def pydicom_radiographs() -> list[Path]:
+    """The real CR radiographs of the pydicom-data package (MONOCHROME1; uncompressed and JPEG 2000)."""
+    from pydicom.data import get_testdata_file
+
+    names = ["RG1_UNCI.dcm", "RG1_J2KI.dcm", "RG1_J2KR.dcm", "RG3_UNCI.dcm", "RG3_J2KI.dcm", "RG3_J2KR.dcm"]
+    out = []
+    for n in names:
+        p = get_testdata_file(n)
+        if p is None:
+            raise FileNotFoundError(f"{n} not found: install the test extra (pydicom-data)")
+        out.append(Path(p))
+    return out
