@@ -79,6 +79,23 @@ def cmd_studies(args) -> int:
     return 0
 
 
+def cmd_instances(args) -> int:
+    index = _open_index(args)
+    try:
+        rows = index.study_instances(args.study)
+    finally:
+        index.close()
+    keep = ("SOPInstanceUID", "SOPClassUID", "TransferSyntaxUID", "Modality", "BodyPartExamined", "ViewPosition",
+            "Laterality", "Rows", "Columns", "file_path", "file_size", "receive_count", "calling_ae", "received_at")
+    rows = [{k: (r[k].isoformat() if hasattr(r[k], "isoformat") else r[k]) for k in keep} for r in rows]
+    if args.json:
+        print(json.dumps(rows, sort_keys=True))
+    else:
+        for r in rows:
+            print(f"{r['SOPInstanceUID']:<64} {r['Modality']:<4} {r['file_size']:>10} {r['file_path']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dicom-node", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=os.environ.get("MSKNODE_CONFIG", "config.yaml"),
@@ -98,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state", default=None, help="only studies in this state")
     s.add_argument("--limit", type=int, default=1000)
     s.set_defaults(func=cmd_studies)
+
+    s = sub.add_parser("instances", help="the instances of one study")
+    s.add_argument("study", help="StudyInstanceUID")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_instances)
 
     from dicom_node import cli_model
 

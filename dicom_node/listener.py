@@ -308,7 +308,7 @@ class Listener:
                      "new study, receiving" if outcome.event == "new_study" else "late instance, receiving again",
                      calling)
         if outcome.resent:
-            log.info("instance re-sent; the earlier copy was replaced (study %s)", outcome.StudyInstanceUID)
+            log.debug("instance re-sent; the earlier copy was replaced (study %s)", outcome.StudyInstanceUID)
         if self.on_recorded is not None:
             self.on_recorded(outcome)
         return 0x0000

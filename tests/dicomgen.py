@@ -163,3 +163,13 @@ def pydicom_radiographs() -> list[Path]:
             raise FileNotFoundError(f"{n} not found: install the test extra (pydicom-data)")
         out.append(Path(p))
     return out
+
+
+def dataset_part(path: Path | str) -> bytes:
+    """The bytes of a DICOM file after its preamble and file meta group: what travels in a C-STORE."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    with open(path, "rb") as f:
+        read_preamble(f, False)
+        _read_file_meta_info(f)
+        return f.read()

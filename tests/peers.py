@@ -221,3 +221,41 @@ def echoscu(host: str, port: int, *, calling: str = "STORESCU", called: str = "M
 def dciodvfy(path: Path | str) -> subprocess.CompletedProcess:
     """dicom3tools' validator; the caller checks returncode and the Error lines."""
     return subprocess.run([require("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
+
+
+class Storescp:
+    """dcmtk's storescp writing what it receives to ``out_dir``.
+
+    ``bit_preserving`` (``+B``) writes the data set exactly as it came over the
+    network: the reference for "what arrived" in byte-identity checks.
+    """
+
+    def __init__(self, out_dir: Path, *, port: int | None = None, aet: str = "STORESCP",
+                 bit_preserving: bool = False, extra: list[str] | None = None):
+        self.out_dir = Path(out_dir)
+        self.port = port or free_port()
+        self.aet = aet
+        self.args = [require("storescp"), "-aet", aet, "-od", str(self.out_dir), *(["+B"] if bit_preserving else []),
+                     "+xa", *(extra or []), str(self.port)]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Storescp":
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+        self.proc = None
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.out_dir.iterdir() if p.is_file())
+
+    def __enter__(self) -> "Storescp":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
