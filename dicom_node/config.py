@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dicom_node.errors import ConfigError
 
@@ -118,14 +118,15 @@ class Config(_Section):
     #: where the configuration was read from (not a YAML key)
     source: Path | None = Field(default=None, exclude=True)
 
-    @model_validator(mode="after")
-    def _unique_peers(self) -> "Config":
-        seen: set[str] = set()
-        for i, peer in enumerate(self.peers):
+    @field_validator("peers")
+    @classmethod
+    def _unique_peers(cls, peers: list[Peer]) -> list[Peer]:
+        seen: dict[str, int] = {}
+        for i, peer in enumerate(peers):
             if peer.ae_title in seen:
-                raise ValueError(f"peers[{i}].ae_title: {peer.ae_title!r} is listed twice")
-            seen.add(peer.ae_title)
-        return self
+                raise ValueError(f"ae_title {peer.ae_title!r} is listed twice (items {seen[peer.ae_title]} and {i})")
+            seen[peer.ae_title] = i
+        return peers
 
     def peer(self, ae_title: str) -> Peer | None:
         for p in self.peers:

@@ -89,7 +89,6 @@ class Orthanc:
             "HttpTimeout": 60,
             "DicomScuTimeout": 30,
             "SaveJobs": False,
-            "IngestTranscoding": "",
             "StorageCompression": False,
         }
         path = self.workdir / "orthanc.json"
