@@ -14,10 +14,10 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicom_node.errors import ConfigError
 
@@ -96,6 +96,82 @@ class StudySection(_Section):
     quiet_seconds: Annotated[float, Field(gt=0, le=86400)] = 10.0
 
 
+class SendingSection(_Section):
+    """The persistent send queue: retries with exponential backoff, then a dead-letter state."""
+
+    base_delay_seconds: Annotated[float, Field(gt=0)] = 5.0
+    multiplier: Annotated[float, Field(ge=1)] = 2.0
+    max_delay_seconds: Annotated[float, Field(gt=0)] = 300.0
+    max_attempts: Annotated[int, Field(ge=1)] = 10
+    timeout_seconds: Annotated[float, Field(gt=0)] = 30.0  # network / DIMSE timeout of one association
+    poll_seconds: Annotated[float, Field(gt=0)] = 1.0  # how often the queue is looked at
+    calling_ae_title: AETitle | None = None  # default: node.ae_title
+
+    def delay(self, attempts: int) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt."""
+        return min(self.max_delay_seconds, self.base_delay_seconds * self.multiplier ** max(0, attempts - 1))
+
+
+HEAD_NAMES = ("fracture", "kl_grade", "anatomy", "view", "tumour")
+OUTPUT_KINDS = ("sr", "heatmaps", "summary")
+
+
+class RuleMatch(_Section):
+    """Every given list must contain the image's value (case-insensitive); an absent list matches all."""
+
+    calling_ae: list[str] | None = None
+    modality: list[str] | None = None
+    body_part: list[str] | None = None  # BodyPartExamined, or the anatomy head's answer when the tag is missing
+    view_position: list[str] | None = None
+    sop_class: list[str] | None = None  # SOP Class UIDs
+
+
+class Outputs(_Section):
+    """Destinations per output kind: ``origin`` (the peer that sent the study) or a peer's AE title."""
+
+    sr: list[str] = ["origin"]
+    heatmaps: list[str] = ["origin"]
+    summary: list[str] = ["origin"]
+
+
+class RoutingRule(_Section):
+    name: str
+    match: RuleMatch = RuleMatch()
+    skip: bool = False  # a matching image is not processed (reported with the rule's name)
+    heads: list[str] | Literal["all"] = "all"
+    outputs: Outputs = Outputs()
+
+    @field_validator("heads")
+    @classmethod
+    def _heads(cls, v):
+        if v != "all":
+            for h in v:
+                if h not in HEAD_NAMES:
+                    raise ValueError(f"unknown head {h!r} (one of {', '.join(HEAD_NAMES)})")
+        return v
+
+
+class RoutingSection(_Section):
+    rules: list[RoutingRule] = []  # first match wins
+    default: RoutingRule = RoutingRule(name="default")
+
+
+class PipelineSection(_Section):
+    enabled: bool = True
+    bundle: Path | None = None  # None: the bundled default model
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 8
+    workers: Annotated[int, Field(ge=1, le=8)] = 1
+    rerun_on_late_images: bool = True
+    lease_seconds: Annotated[float, Field(gt=0)] = 600.0  # a claim not renewed for this long is taken back
+    max_attempts: Annotated[int, Field(ge=1)] = 3
+
+
+class RetentionSection(_Section):
+    max_age_days: Annotated[float, Field(gt=0)] | None = None  # None: keep everything
+    interval_minutes: Annotated[float, Field(gt=0)] = 60.0
+
+
 class LoggingSection(_Section):
     level: str = "INFO"
 
@@ -113,6 +189,10 @@ class Config(_Section):
     peers: list[Peer] = Field(min_length=1)
     storage: StorageSection = StorageSection()
     study: StudySection = StudySection()
+    pipeline: PipelineSection = PipelineSection()
+    routing: RoutingSection = RoutingSection()
+    sending: SendingSection = SendingSection()
+    retention: RetentionSection = RetentionSection()
     logging: LoggingSection = LoggingSection()
 
     #: where the configuration was read from (not a YAML key)
@@ -127,6 +207,22 @@ class Config(_Section):
                 raise ValueError(f"ae_title {peer.ae_title!r} is listed twice (items {seen[peer.ae_title]} and {i})")
             seen[peer.ae_title] = i
         return peers
+
+    @model_validator(mode="after")
+    def _destinations(self) -> "Config":
+        names = {p.ae_title for p in self.peers}
+        for where, rule in [("routing.default", self.routing.default)] + \
+                [(f"routing.rules[{i}]", r) for i, r in enumerate(self.routing.rules)]:
+            for kind in OUTPUT_KINDS:
+                for dest in getattr(rule.outputs, kind):
+                    if dest != "origin" and dest not in names:
+                        raise ValueError(f"{where}.outputs.{kind}: {dest!r} is neither 'origin' nor a peer's "
+                                         f"ae_title")
+                    peer = self.peer(dest) if dest != "origin" else None
+                    if peer is not None and (peer.host is None or peer.port is None):
+                        raise ValueError(f"{where}.outputs.{kind}: peer {dest!r} needs a host and a port to "
+                                         f"receive results")
+        return self
 
     def peer(self, ae_title: str) -> Peer | None:
         for p in self.peers:
@@ -201,6 +297,9 @@ def parse_config(data: Any, *, source: str = "<config>", base: Path | None = Non
         err = exc.errors()[0]
         key = _loc(err["loc"])
         msg = err["msg"]
+        if not err["loc"] and msg.startswith("Value error, ") and ": " in msg:
+            # a check across sections names its key at the start of the message
+            key, msg = msg[len("Value error, "):].split(": ", 1)
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "missing":

@@ -70,6 +70,14 @@ class Study(Base):
     #: incremented each time late instances reopen the study
     generation: Mapped[int] = mapped_column(Integer, default=1)
 
+    #: the pipeline: who holds the study while inferring, and how it went
+    claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    inference_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: the newest result version made for this study (0: none yet)
+    result_version: Mapped[int] = mapped_column(Integer, default=0)
+
     calling_ae: Mapped[str] = mapped_column(String(16), default="")  # who sent the first instance
     last_calling_ae: Mapped[str] = mapped_column(String(16), default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
@@ -123,3 +131,51 @@ class Instance(Base):
 
     study: Mapped[Study] = relationship(back_populates="instances", overlaps="instances,series")
     series: Mapped[Series] = relationship(back_populates="instances", overlaps="instances,study")
+
+
+class DeliveryState(str, enum.Enum):
+    PENDING = "pending"  # waiting for its (next) attempt
+    SENDING = "sending"  # a C-STORE may be on the wire: after a crash, ask the destination before resending
+    SENT = "sent"  # the destination answered success (or holds it, as a C-FIND showed)
+    DEAD = "dead"  # failed max_attempts times: parked until `dicom-node retry`
+    CANCELLED = "cancelled"  # superseded by a newer result version before it was sent
+
+
+class ResultObject(Base):
+    """A DICOM object the node made (SR, heatmap SC, summary SC), stored under storage.path/results."""
+
+    __tablename__ = "result_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    result_version: Mapped[int] = mapped_column(Integer)
+    generation: Mapped[int] = mapped_column(Integer)  # the study generation it was made from
+    kind: Mapped[str] = mapped_column(String(16))  # "sr" | "heatmap" | "summary"
+    SOPInstanceUID: Mapped[str] = mapped_column(String(64), unique=True)
+    SOPClassUID: Mapped[str] = mapped_column(String(64))
+    SeriesInstanceUID: Mapped[str] = mapped_column(String(64))
+    TransferSyntaxUID: Mapped[str] = mapped_column(String(64))
+    file_path: Mapped[str] = mapped_column(String(255))
+    file_size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    superseded: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Delivery(Base):
+    """One result object to one destination (a peer's AE title): the persistent send queue."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("result_id", "destination", name="uq_delivery"),
+                      Index("ix_deliveries_due", "state", "next_attempt_at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("result_objects.id", ondelete="CASCADE"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(12), default=DeliveryState.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
