@@ -96,6 +96,44 @@ def cmd_instances(args) -> int:
     return 0
 
 
+def cmd_jobs(args) -> int:
+    from storage.deliveries import DeliveryQueue
+    from storage.jobs import Jobs
+
+    index = _open_index(args)
+    try:
+        jobs = Jobs(index)
+        queue = DeliveryQueue(index)
+        rows = jobs.jobs(limit=args.limit)
+        for r in rows:
+            r["deliveries"] = queue.study_deliveries(r.pop("id"))
+    finally:
+        index.close()
+    if args.json:
+        print(json.dumps(rows, sort_keys=True, default=str))
+        return 0
+    for r in rows:
+        sent = ", ".join(f"{d['destination']}: {d.get('states') or d}" for d in r["deliveries"])
+        print(f"{r['StudyInstanceUID']:<64} {r['state']:<13} v{r['result_version']} attempts {r['attempts']} "
+              f"{r['state_reason'] or r['last_error'] or ''} {sent}")
+    return 0
+
+
+def cmd_retry(args) -> int:
+    from storage.deliveries import DeliveryQueue
+    from storage.jobs import Jobs
+
+    index = _open_index(args)
+    try:
+        n_deliveries = DeliveryQueue(index).retry_dead(args.study)
+        n_studies = Jobs(index).retry_failed_inference(args.study)
+    finally:
+        index.close()
+    print(f"re-queued {n_deliveries} dead deliver{'y' if n_deliveries == 1 else 'ies'} and "
+          f"{n_studies} stud{'y' if n_studies == 1 else 'ies'} whose inference had failed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dicom-node", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=os.environ.get("MSKNODE_CONFIG", "config.yaml"),
@@ -120,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("study", help="StudyInstanceUID")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_instances)
+
+    s = sub.add_parser("jobs", help="studies with their pipeline state, attempts, errors and deliveries")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--limit", type=int, default=1000)
+    s.set_defaults(func=cmd_jobs)
+    s = sub.add_parser("retry", help="re-queue dead-letter deliveries and studies whose inference failed")
+    s.add_argument("--study", default=None, help="only this StudyInstanceUID")
+    s.set_defaults(func=cmd_retry)
 
     from dicom_node import cli_model
 

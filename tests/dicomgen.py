@@ -122,15 +122,19 @@ def dx_from_image(image_path: Path | str, *, study_uid: str | None = None, serie
 
 
 def write_dx_study(out_dir: Path, images: list[Path], *, study_uid: str | None = None, scale: int = 1,
-                   patient_id: str = "MSK0001") -> list[Path]:
+                   patient_id: str = "MSK0001", patient_name: str = "TEST^MSK", like: Path | None = None
+                   ) -> list[Path]:
     """Write one study (one series) of DX files built from ``images``; returns the file paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if like is not None:  # same patient and study as an existing file
+        ref = pydicom.dcmread(like, stop_before_pixels=True)
+        patient_id, patient_name, study_uid = str(ref.PatientID), str(ref.PatientName), ref.StudyInstanceUID
     study_uid = study_uid or generate_uid()
     series_uid = generate_uid()
     paths = []
     for i, img in enumerate(images, 1):
         ds = dx_from_image(img, study_uid=study_uid, series_uid=series_uid, instance_number=i, scale=scale,
-                           patient_id=patient_id)
+                           patient_id=patient_id, patient_name=patient_name)
         p = out_dir / f"dx_{i:04d}.dcm"
         ds.save_as(p, enforce_file_format=True)
         paths.append(p)

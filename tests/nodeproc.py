@@ -26,6 +26,8 @@ def node_config(workdir: Path, *, port: int | None = None, quiet_seconds: float 
         "storage": {"path": str(workdir / "var"), "database_url": f"sqlite:///{workdir / 'var' / 'index.sqlite'}",
                     "min_free_mb": min_free_mb},
         "study": {"quiet_seconds": quiet_seconds},
+        # receive-side tests run without the model; pipeline tests pass pipeline={"enabled": True, ...}
+        "pipeline": {"enabled": False},
     }
     for k, v in sections.items():
         cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
