@@ -105,15 +105,17 @@ def cmd_jobs(args) -> int:
         jobs = Jobs(index)
         queue = DeliveryQueue(index)
         rows = jobs.jobs(limit=args.limit)
+        summaries = queue.summaries([r["id"] for r in rows])
         for r in rows:
-            r["deliveries"] = queue.study_deliveries(r.pop("id"))
+            r["deliveries"] = summaries.get(r.pop("id"), [])
     finally:
         index.close()
     if args.json:
         print(json.dumps(rows, sort_keys=True, default=str))
         return 0
     for r in rows:
-        sent = ", ".join(f"{d['destination']}: {d.get('states') or d}" for d in r["deliveries"])
+        sent = ", ".join(f"{d['destination']}: " + " ".join(f"{k} {v}" for k, v in d["states"].items() if v)
+                         for d in r["deliveries"])
         print(f"{r['StudyInstanceUID']:<64} {r['state']:<13} v{r['result_version']} attempts {r['attempts']} "
               f"{r['state_reason'] or r['last_error'] or ''} {sent}")
     return 0

@@ -1,7 +1,8 @@
-"""The node: wires configuration, storage, index, tracker and listener together."""
+"""The node: wires configuration, storage, index, tracker, listener, pipeline and sender together."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import signal
 import threading
@@ -11,9 +12,13 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from dicom_node import __version__
 from dicom_node.config import Config
 from dicom_node.listener import Listener
+from dicom_node.sender import Sender
 from dicom_node.tracker import StudyTracker
+from storage.deliveries import DeliveryQueue
 from storage.files import InstanceStore
 from storage.index import Index
+from storage.jobs import Jobs
+from storage.models import utcnow
 
 log = logging.getLogger("dicom_node")
 
@@ -23,33 +28,70 @@ class Node:
         self.cfg = cfg
         self.store = InstanceStore(cfg.storage.path, min_free_mb=cfg.storage.min_free_mb)
         self.index = Index(cfg.storage.database_url)
+        self.jobs = Jobs(self.index)
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"misfire_grace_time": None})
         self.tracker = StudyTracker(self.index, self.scheduler,
                                     sweep_seconds=max(5.0, min(60.0, cfg.study.quiet_seconds * 3)))
         self.listener = Listener(cfg, self.store, self.index, on_recorded=self.tracker.instance_recorded)
+        self.pool = None
+        self.sender = None
         self._stop = threading.Event()
 
     def start(self) -> None:
+        from dicom_node.pipeline import WorkerPool, claim_prefix
+
+        released = self.jobs.release_claims(claim_prefix())
+        if released:
+            log.info("%d stud%s left inferring by an earlier run: back to stable", released,
+                     "y" if released == 1 else "ies")
         self.scheduler.start()
         self.tracker.start()
         self.listener.start()
+        if self.cfg.pipeline.enabled:
+            self.pool = WorkerPool(self.cfg, self.jobs)
+            self.pool.start()
+            self.scheduler.add_job(self.pool.check, "interval", seconds=5, id="workers", coalesce=True,
+                                   max_instances=1)
+        # the first pass runs at once: deliveries left in doubt by a crash are checked (C-FIND) before any resend
+        self.sender = Sender(self.cfg, self.store, DeliveryQueue(self.index))
+        self.sender.start(self.scheduler)
+        if self.cfg.retention.max_age_days:
+            self.scheduler.add_job(self.retention, "interval", minutes=self.cfg.retention.interval_minutes,
+                                   id="retention", coalesce=True, max_instances=1,
+                                   next_run_time=dt.datetime.now(dt.timezone.utc))
         log.info("msk-dicom-node %s started (config %s)", __version__, self.cfg.source or "<defaults>")
+
+    def retention(self) -> int:
+        """Remove studies older than retention.max_age_days whose results were all delivered."""
+        cutoff = utcnow() - dt.timedelta(days=self.cfg.retention.max_age_days)
+        removed = 0
+        for study_id, uid in self.jobs.expired_studies(cutoff):
+            if self.jobs.delete_study(study_id):  # rows first: a crash leaves files, never dangling rows
+                self.store.delete_study_dirs(uid)
+                removed += 1
+        if removed:
+            log.info("retention: removed %d stud%s older than %g days", removed, "y" if removed == 1 else "ies",
+                     self.cfg.retention.max_age_days)
+        return removed
 
     def stop(self) -> None:
         self.listener.stop()
+        if self.sender is not None:
+            self.sender.stop()
+        if self.pool is not None:
+            self.pool.stop()
         self.scheduler.shutdown(wait=False)
         self.index.close()
         log.info("stopped")
 
     def serve_forever(self) -> None:
-        self.start()
-
         def _request_stop(signum, _frame):
             log.info("signal %d: stopping", signum)
             self._stop.set()
 
         signal.signal(signal.SIGTERM, _request_stop)
         signal.signal(signal.SIGINT, _request_stop)
+        self.start()
         try:
             self._stop.wait()
         finally:

@@ -1,0 +1,110 @@
+"""The whole loop with real peers: Orthanc pushes a study, the node (a real subprocess with its inference
+worker) stores, infers, encodes and sends the results back; Orthanc holds them in the same study."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from tests.dicomgen import copy_with_new_uids, fracatlas_images, pydicom_radiographs, write_dx_study
+from tests.peers import Orthanc, dciodvfy, free_port, storescu
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+FAST_SENDING = {"base_delay_seconds": 0.5, "multiplier": 2, "max_delay_seconds": 2, "max_attempts": 100,
+                "timeout_seconds": 10, "poll_seconds": 0.3}
+
+
+def pipeline_node(make_node, pacs_port: int, *, port: int | None = None, name: str = "node", **kw):
+    return make_node(name=name, port=port, quiet_seconds=kw.pop("quiet_seconds", 2),
+                     peers=kw.pop("peers", [{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}]),
+                     pipeline={"enabled": True, "batch_size": 4, **kw.pop("pipeline", {})},
+                     sending={**FAST_SENDING, **kw.pop("sending", {})}, **kw)
+
+
+def study_files(tmp: Path, n_dx: int = 2, offset: int = 0) -> list[Path]:
+    """One study: the MONOCHROME1 JPEG 2000 CR radiograph of pydicom-data and DX images from FracAtlas."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    study_uid = generate_uid()
+    cr = copy_with_new_uids(pydicom_radiographs()[4], tmp / "cr.dcm", study_uid=study_uid)  # RG3_J2KI
+    return [cr] + write_dx_study(tmp / "dx", fracatlas_images(n_dx, offset=offset), like=cr)
+
+
+def orthanc_instances(pacs: Orthanc, study_uid: str) -> list[dict]:
+    ids = pacs.post("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}})
+    return [dict(pacs.get(f"/instances/{i}/simplified-tags"), _id=i) for i in ids]
+
+
+def results_at(pacs: Orthanc, study_uid: str) -> dict[str, list[dict]]:
+    out = {"sr": [], "sc": []}
+    for inst in orthanc_instances(pacs, study_uid):
+        if inst["SOPClassUID"] == SR_CLASS:
+            out["sr"].append(inst)
+        elif inst["SOPClassUID"] == SC_CLASS:
+            out["sc"].append(inst)
+    return out
+
+
+def check_valid(pacs: Orthanc, instances: list[dict], tmp: Path) -> None:
+    for inst in instances:
+        f = tmp / f"{inst['_id']}.dcm"
+        f.write_bytes(pacs.get_bytes(f"/instances/{inst['_id']}/file"))
+        r = dciodvfy(f)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("Error")]
+        assert r.returncode == 0 and not errors, f"{inst['SOPClassUID']}: {errors}"
+
+
+def sr_evidence(pacs: Orthanc, sr: dict) -> set[str]:
+    ds = pydicom.dcmread(io.BytesIO(pacs.get_bytes(f"/instances/{sr['_id']}/file")))
+    refs = set()
+    for study in ds.get("CurrentRequestedProcedureEvidenceSequence", []):
+        for series in study.ReferencedSeriesSequence:
+            for item in series.ReferencedSOPSequence:
+                refs.add(str(item.ReferencedSOPInstanceUID))
+    return refs
+
+
+@pytest.mark.slow
+def test_orthanc_study_in_results_back_then_late_image_supersedes(make_node, tmp_path, shared_data):
+    node_port = free_port()
+    with Orthanc(tmp_path / "orthanc", aet="PACS", modalities={"msknode": ("MSKNODE", "127.0.0.1", node_port)}) \
+            as pacs:
+        node = pipeline_node(make_node, pacs.dicom_port, port=node_port)
+        files = study_files(tmp_path / "study")
+        study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        sources = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
+        for f in files:
+            pacs.upload(f)
+        pacs.store_to("msknode", pacs.get("/studies"))
+        node.wait_for(lambda: node.studies()[0]["state"] == "sent", timeout=240, interval=1, what="study sent")
+
+        got = results_at(pacs, study_uid)
+        assert len(got["sr"]) == 1, got
+        assert len(got["sc"]) == len(files) + 1  # a heatmap per image and the summary page
+        check_valid(pacs, got["sr"] + got["sc"], tmp_path)
+        assert sources <= sr_evidence(pacs, got["sr"][0])  # the SR references every source instance
+        for sc in got["sc"]:
+            assert sc["StudyInstanceUID"] == study_uid and sc["BurnedInAnnotation"] == "YES"
+
+        # a late image: the study is processed again and a superseding version arrives
+        late = write_dx_study(tmp_path / "late", fracatlas_images(1, offset=10), like=files[0])
+        pacs.upload(late[0])
+        late_id = pacs.post("/tools/find", {"Level": "Instance", "Query": {
+            "SOPInstanceUID": pydicom.dcmread(late[0], stop_before_pixels=True).SOPInstanceUID}})
+        pacs.store_to("msknode", late_id)
+        node.wait_for(lambda: node.studies()[0]["state"] == "sent" and
+                      json.loads(node.cli("jobs", "--json").stdout)[0]["result_version"] == 2,
+                      timeout=240, interval=1, what="version 2 sent")
+        got2 = results_at(pacs, study_uid)
+        assert len(got2["sr"]) == 2
+        new_sr = [s for s in got2["sr"] if s["SOPInstanceUID"] != got["sr"][0]["SOPInstanceUID"]][0]
+        ds = pydicom.dcmread(io.BytesIO(pacs.get_bytes(f"/instances/{new_sr['_id']}/file")))
+        pred = ds.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert pred.ReferencedSOPInstanceUID == got["sr"][0]["SOPInstanceUID"]
+        assert len(sr_evidence(pacs, new_sr)) >= len(sources) + 1
