@@ -1,7 +1,328 @@
-"""Model commands: ``infer`` and ``model pretrain|fit-heads|evaluate`` (issue 3 fills these in)."""
+"""Model commands: ``infer`` and ``model pretrain|fit-heads|evaluate``.
+
+torch and the model code are imported inside the handlers, so node commands
+(``serve``, ``status``, ...) start without loading them.
+"""
 
 from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+log = logging.getLogger("dicom_node.model")
+
+
+def _command_line() -> str:
+    return "dicom-node " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _threads(args) -> None:
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def cmd_pretrain(args) -> int:
+    _threads(args)
+    args.lr_given = args.lr is not None
+    from inference.training import adapt, pretrain
+
+    if args.supervised_epochs:
+        if not args.init:
+            raise SystemExit("--supervised-epochs adapts a pretrained encoder: give --init BUNDLE")
+        out = adapt(args.init, args.data, args.out, epochs=args.supervised_epochs, seed=args.seed,
+                    cache=args.cache, threads=args.threads, device=args.device, max_minutes=args.max_minutes,
+                    command=_command_line(), lr=args.lr if args.lr_given else 2e-4,
+                    stop_after_epochs=args.stop_after_epochs)
+        print(f"adapted encoder written to {out}")
+        return 0
+    out = pretrain(args.data, args.out, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
+                   lr=args.lr if args.lr_given else 5e-4, seed=args.seed, cache=args.cache, init=args.init, threads=args.threads,
+                   device=args.device, max_minutes=args.max_minutes, command=_command_line(),
+                   splits=tuple(args.splits.split(",")), stop_after_epochs=args.stop_after_epochs)
+    print(f"pretrained encoder written to {out}")
+    return 0
 
 
 def register(sub) -> None:
     """Add the model subcommands to the ``dicom-node`` parser."""
+    m = sub.add_parser("model", help="train and evaluate the model (pretrain, fit-heads, evaluate)")
+    msub = m.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
+
+    p = msub.add_parser("pretrain", help="self-supervised MAE pretraining of the encoder")
+    p.add_argument("--data", required=True, help="data directory (fracatlas/ and/or knee-kl/)")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--image-size", type=int, default=192)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (5e-4 MAE, 2e-4 adaptation)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--supervised-epochs", type=int, default=0,
+                   help="instead of MAE: adapt the --init encoder on the training labels for N epochs "
+                        "(MAE loss kept, so the anomaly maps stay valid)")
+    p.add_argument("--splits", default="train", help="comma-separated splits to pretrain on (default: train)")
+    p.add_argument("--init", default=None, help="continue from this bundle's encoder")
+    p.add_argument("--cache", default=None, help="decoded-image cache (.npz; default /tmp/msk-cache-SIZE.npz)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that passes this")
+    p.add_argument("--stop-after-epochs", type=int, default=None,
+                   help="stop after N epochs of a schedule planned for --epochs (deterministic)")
+    p.set_defaults(func=cmd_pretrain)
+    register_more(sub, msub)
+
+
+# ----------------------------------------------------------------------------------------------
+# fit-heads / evaluate
+
+
+def cmd_fit_heads(args) -> int:
+    _threads(args)
+    from inference import data as D
+    from inference.training import HEAD_DEFAULTS, Embedded, fit_anomaly, fit_head, save_head
+
+    command = _command_line()
+    if args.labels:
+        records, classes = D.read_label_csv(args.labels, args.label_column, args.images)
+        if len(args.head) != 1 or args.head[0] == "anomaly":
+            raise SystemExit("--labels trains exactly one --head")
+        name = args.head[0]
+        kind = "binary" if len(classes) == 2 else "categorical"
+        labels = ["absent", "present"] if kind == "binary" else classes
+        if name in HEAD_DEFAULTS and HEAD_DEFAULTS[name][0] != kind:
+            raise SystemExit(f"head {name!r} is {HEAD_DEFAULTS[name][0]}, the CSV has {len(classes)} classes")
+    elif args.data:
+        records = D.read_layout(args.data)
+        kind = labels = None
+    else:
+        raise SystemExit("give --data DIR (msk-xray layout) or --labels CSV")
+    emb = Embedded(args.bundle, records, args.cache_dir, device=args.device)
+    for name in args.head:
+        if name == "anomaly":
+            info = fit_anomaly(emb, args.bundle, seed=args.seed, command=command)
+            print(f"anomaly statistics from {info['normal_images']} normal training images written")
+            continue
+        fit = fit_head(emb, name, kind=kind, labels=labels, epochs=args.epochs, seed=args.seed,
+                       max_labels=args.max_labels)
+        save_head(args.bundle, name, fit, command=command, extra={"seed": args.seed, "epochs": args.epochs,
+                                                                   "max_labels": args.max_labels})
+        msg = (f"head {name}: {fit['train_images']} train images, epoch {fit['selection']['best_epoch']}, "
+               f"dev score {fit['selection']['dev_score']:.3f}")  # nan when a label budget left no dev set
+        if "operating_points" in fit:
+            op = fit["operating_points"]
+            msg += f", thresholds suspected {op['suspected']:.4f} definite {op['definite']:.4f}"
+        print(msg)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    _threads(args)
+    from inference.evaluate import evaluate
+
+    splits = tuple(args.splits.split(",")) if args.splits else None
+    metrics = evaluate(args.bundle, args.data, args.out, splits=splits, sample=args.sample,
+                       label_efficiency=args.label_efficiency, device=args.device, plots=not args.no_plots,
+                       cache_dir=args.cache_dir)
+    if args.record:
+        from inference.bundle import read_metadata, write_metadata
+
+        meta = read_metadata(args.bundle)
+        key = "validation_metrics_sample" if args.sample else "validation_metrics"
+        rec = {split: m["headline"] for split, m in metrics["splits"].items()}
+        rec["command"] = _command_line()
+        if args.sample:
+            rec["sample_per_source"] = args.sample
+        if "label_efficiency" in metrics:
+            rec["label_efficiency"] = metrics["label_efficiency"]
+        rec["details"] = {split: {k: v for k, v in m.items() if k != "headline"}
+                          for split, m in metrics["splits"].items()}
+        meta["msk_node"][key] = rec
+        write_metadata(args.bundle, meta)
+    for split, m in metrics["splits"].items():
+        print(f"[{split}] " + ", ".join(f"{k} {v:.3f}" for k, v in m["headline"].items() if v is not None))
+    if "label_efficiency" in metrics:
+        for p in metrics["label_efficiency"]["points"]:
+            print(f"[label efficiency] hardware, {p['labels']} labels: AUROC {p['auroc_mean']:.3f} "
+                  f"+- {p['auroc_sd']:.3f}")
+    print(f"metrics and plots written to {args.out}")
+    return 0
+
+
+def cmd_card(args) -> int:
+    from inference.model_card import write
+
+    print(f"model card written to {write(args.bundle)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# infer
+
+INPUT_SUFFIXES = {".dcm", ".dicom", ".jpg", ".jpeg", ".png", ""}
+
+
+def _collect(paths: list[str]) -> list[Path]:
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in INPUT_SUFFIXES
+                            and not f.name.startswith("."))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise SystemExit(f"{p}: no such file or directory")
+    return files
+
+
+def _read_input(path: Path):
+    """(kind, object): ('dicom', Dataset) | ('array', uint8 image) | ('error', reason)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    if path.suffix.lower() in (".jpg", ".jpeg", ".png"):
+        from inference.data import load_image_file
+
+        try:
+            return "array", load_image_file(path)
+        except Exception as exc:
+            return "error", f"cannot read image: {exc}"
+    try:
+        return "dicom", pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        return "error", f"not a readable DICOM file: {exc}"
+
+
+def cmd_infer(args) -> int:
+    _threads(args)
+    import hashlib
+
+    from inference import load_bundle
+    from inference.plots import overlay_png
+    from inference.results import ImageResult
+
+    files = _collect(args.inputs)
+    if not files:
+        raise SystemExit("no input files")
+    model = load_bundle(args.bundle, args.device)
+    heads = set(args.heads.split(",")) if args.heads else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = []
+    dicom_results = []  # (file, result) of DICOM inputs, for --dicom-out
+    for start in range(0, len(files), args.batch_size):
+        chunk = files[start:start + args.batch_size]
+        loaded = [_read_input(f) for f in chunk]
+        results: list = [None] * len(chunk)
+        dsets = [(i, o) for i, (k, o) in enumerate(loaded) if k == "dicom"]
+        arrs = [(i, o) for i, (k, o) in enumerate(loaded) if k == "array"]
+        ids = [str(f) for f in chunk]
+        if dsets:
+            for (i, _), r in zip(dsets, model.predict_datasets([o for _, o in dsets], [ids[i] for i, _ in dsets],
+                                                               heads)):
+                results[i] = r
+        if arrs:
+            for (i, _), r in zip(arrs, model.predict_arrays([o for _, o in arrs], [ids[i] for i, _ in arrs], heads)):
+                results[i] = r
+        for i, (kind, obj) in enumerate(loaded):
+            if kind == "error":
+                results[i] = ImageResult.not_processed(ids[i], obj)
+        for f, (kind, obj), res in zip(chunk, loaded, results):
+            stem = f"{start + chunk.index(f):05d}-{hashlib.sha256(str(f.resolve()).encode()).hexdigest()[:12]}"
+            doc = res.to_json()
+            doc["source"] = str(f)
+            doc["model"] = {"name": model.info.name, "version": model.info.version,
+                            "weights_sha256": model.info.weights_sha256}
+            if res.processed:
+                from inference.pixels import display_uint8
+
+                image = obj if kind == "array" else display_uint8(obj)
+                boxes = [(r.box, (255, 255, 0)) for r in res.regions]
+                boxes += [(r.box, (255, 40, 40)) for r in res.fracture_regions]
+                heat = res.anomaly_map if res.anomaly_map is not None else res.fracture_map
+                overlay_png(image, heat, out / f"{stem}.png", boxes)
+                doc["heatmap_png"] = f"{stem}.png"
+                if res.fracture_map is not None:
+                    overlay_png(image, res.fracture_map, out / f"{stem}_fracture.png",
+                                [(r.box, (255, 40, 40)) for r in res.fracture_regions])
+                    doc["fracture_heatmap_png"] = f"{stem}_fracture.png"
+            (out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+            doc["json"] = f"{stem}.json"
+            if kind == "dicom":
+                dicom_results.append((f, res))
+            summary.append(doc)
+            if not args.json:
+                if res.processed:
+                    parts = [f"{x.name}={x.decision}({x.probability:.2f})" if hasattr(x, "decision")
+                             else f"{x.name}={x.label}({x.confidence:.2f})" for x in res.findings()]
+                    print(f"{f}: " + " ".join(parts) + f" regions={len(res.regions)}")
+                else:
+                    print(f"{f}: not processed: {res.reason}")
+    (out / "index.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if args.dicom_out:
+        from dicom_node.results_dicom import write_results_for_files
+
+        written, errors = write_results_for_files(dicom_results, model.info, args.dicom_out, card=model.card)
+        for msg in errors:
+            print(f"--dicom-out: {msg}", file=sys.stderr)
+        if not args.json:
+            print(f"{len(written)} DICOM result objects (SR, heatmaps, summary) written to {args.dicom_out}")
+    if args.json:
+        print(json.dumps(summary))
+    processed = sum(1 for d in summary if d["processed"])
+    if not args.json:
+        print(f"{processed}/{len(summary)} images processed; results in {out}")
+    return 0 if processed == len(summary) else 3
+
+
+def register_more(sub, msub) -> None:
+    p = msub.add_parser("fit-heads", help="train task heads (or anomaly statistics) on frozen embeddings")
+    p.add_argument("--bundle", required=True, help="bundle to add the heads to (written in place)")
+    p.add_argument("--data", default=None, help="data directory (fracatlas/ and/or knee-kl/)")
+    p.add_argument("--labels", default=None, help="CSV with an image/image_id column and a label column")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--images", default=None, help="folder the CSV's images are in (default: beside the CSV)")
+    p.add_argument("--head", action="append", required=True,
+                   help="fracture, kl_grade, anatomy, view, hardware, tumour, anomaly or a new name (repeatable)")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-labels", type=int, default=None, help="train on this many labelled images only")
+    p.add_argument("--cache-dir", default=None, help="where decoded images and embeddings are cached (/tmp)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_fit_heads)
+
+    p = msub.add_parser("evaluate", help="metrics.json and plots on every split found under --data")
+    p.add_argument("--bundle", default=None, help="bundle (default: the shipped model)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--splits", default=None, help="comma-separated splits (default: all found)")
+    p.add_argument("--sample", type=int, default=None, help="deterministic sample of N images per source and split")
+    p.add_argument("--label-efficiency", action="store_true", help="hardware AUROC against number of labels")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--record", action="store_true", help="record the metrics in the bundle's card")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = msub.add_parser("card", help="render the bundle's docs/README.md model card from its metadata")
+    p.add_argument("--bundle", required=True)
+    p.set_defaults(func=cmd_card)
+
+    p = sub.add_parser("infer", help="run the model on DICOM (or JPEG/PNG) files: JSON findings + heatmap PNGs")
+    p.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--bundle", default=None, help="model bundle (default: the shipped model)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    p.add_argument("--heads", default=None, help="comma-separated heads (default: all, plus anomaly)")
+    p.add_argument("--dicom-out", default=None, metavar="DIR",
+                   help="also write the DICOM results of the DICOM inputs (SR, heatmap and summary secondary "
+                        "captures, one folder per study) into DIR")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_infer)

@@ -1,0 +1,276 @@
+"""The model's results for one study as DICOM: the SR, the heatmaps and the summary page.
+
+This is what the pipeline and ``dicom-node infer --dicom-out`` call::
+
+    objs = build_result_objects(datasets, results, model)            # validated datasets
+    paths = write_result_objects(objs, out_dir)                      # Part 10 files
+
+UIDs are derived (:mod:`dicom_node.identity`) from the study, the bundle and the
+result version, so that building the same results twice gives the same objects.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import logging
+
+from pydicom.dataset import Dataset
+
+from dicom_node.errors import EncodingError, ImageNotProcessable
+from dicom_node.identity import ResultIdentity
+from dicom_node.sc import content as sc_content
+from dicom_node.sc.sop import build_sc
+from dicom_node.sr.sop import build_sr
+from inference.results import CodedConcept, ImageResult, ModelInfo
+
+
+# highdicom logs every module it copies at INFO; the node's log has no use for that chatter
+logging.getLogger("highdicom").setLevel(logging.WARNING)
+
+
+@dataclass
+class ResultObjects:
+    """The result objects of one study (``datasets()`` is the order to send them in)."""
+
+    identity: ResultIdentity
+    sr: Dataset
+    heatmaps: list[Dataset]
+    summary: Dataset
+    #: heatmap file ids, parallel to ``heatmaps`` (derived from the source SOP Instance UIDs)
+    heatmap_ids: list[str]
+
+    def datasets(self) -> list[Dataset]:
+        """Secondary captures first (the SR references them), the SR last."""
+        return [self.summary, *self.heatmaps, self.sr]
+
+
+def align(source_datasets: Sequence[Dataset], results: Sequence[ImageResult]) -> list[tuple[Dataset, ImageResult]]:
+    """Pair each source dataset with its result: by SOP Instance UID when the results' ``image_id`` are
+    those UIDs, else by position. Every dataset needs exactly one result."""
+    if not source_datasets:
+        raise EncodingError("no source datasets")
+    if len(source_datasets) != len(results):
+        raise EncodingError(f"{len(source_datasets)} source datasets but {len(results)} results")
+    for ds in source_datasets:
+        for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"):
+            if not str(ds.get(kw, "") or ""):
+                raise EncodingError(f"a source dataset has no {kw}")
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in source_datasets}
+    if len(by_uid) != len(source_datasets):
+        raise EncodingError("the source datasets repeat a SOP Instance UID")
+    if all(r.image_id in by_uid for r in results):
+        if len({r.image_id for r in results}) != len(results):
+            raise EncodingError("two results name the same image")
+        pairs = [(by_uid[r.image_id], r) for r in results]
+        # keep the source order (the order of the study as received)
+        order = {str(ds.SOPInstanceUID): i for i, ds in enumerate(source_datasets)}
+        pairs.sort(key=lambda p: order[str(p[0].SOPInstanceUID)])
+        return pairs
+    return list(zip(source_datasets, results))
+
+
+def card_concepts(card) -> dict[str, CodedConcept]:
+    """Finding name -> concept from a bundle card (``card.heads[name].concept``), for ``concept_overrides``:
+    the card's concept of a categorical head (the question, e.g. anatomy) is not in the results."""
+    out: dict[str, CodedConcept] = {}
+    for name, spec in (getattr(card, "heads", None) or {}).items():
+        concept = getattr(spec, "concept", None)
+        if isinstance(concept, CodedConcept):
+            out[name] = concept
+    return out
+
+
+def predecessor_reference(study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str,
+                          sop_class_uid: str = "1.2.840.10008.5.1.4.1.1.88.34") -> Dataset:
+    """The ``predecessor`` argument when only the superseded SR's UIDs were kept (not the SR itself)."""
+    ref = Dataset()
+    ref.StudyInstanceUID = study_instance_uid
+    ref.SeriesInstanceUID = series_instance_uid
+    ref.SOPInstanceUID = sop_instance_uid
+    ref.SOPClassUID = sop_class_uid
+    return ref
+
+
+def _check_one_study(sources: Sequence[Dataset]) -> None:
+    studies = {str(ds.StudyInstanceUID) for ds in sources}
+    if len(studies) != 1:
+        raise EncodingError(f"the source datasets belong to {len(studies)} studies; results are per study")
+    patients = {str(ds.get("PatientID", "") or "") for ds in sources}
+    if len(patients) != 1:
+        raise EncodingError("the source datasets of one study name different patients")
+
+
+def image_label(ds: Dataset) -> str:
+    n = ds.get("InstanceNumber")
+    modality = str(ds.get("Modality", "") or "")
+    if n not in (None, ""):
+        return f"{modality} #{n}".strip()
+    return f"...{str(ds.SOPInstanceUID)[-10:]}"
+
+
+def _summary_header(first: Dataset, results: Sequence[ImageResult]) -> list[str]:
+    name = str(first.get("PatientName", "") or "")
+    pid = str(first.get("PatientID", "") or "")
+    date = str(first.get("StudyDate", "") or "")
+    if len(date) == 8 and date.isdigit():
+        date = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    acc = str(first.get("AccessionNumber", "") or "")
+    desc = str(first.get("StudyDescription", "") or "")
+    n_ok = sum(1 for r in results if r.processed)
+    lines = [f"Patient: {name}  (ID {pid})", f"Study date: {date}   Accession: {acc}   {desc}".rstrip(),
+             f"Images: {len(results)}   processed: {n_ok}   not processed: {len(results) - n_ok}"]
+    return lines
+
+
+def build_result_objects(source_datasets: Sequence[Dataset], results: Sequence[ImageResult], model: ModelInfo,
+                         result_version: int = 1, predecessor: Dataset | None = None, *,
+                         concept_overrides: Mapping[str, CodedConcept] | None = None) -> ResultObjects:
+    """SR, heatmap SCs and summary SC for one study.
+
+    ``source_datasets`` are the study's images (pixel data needed for the processed ones),
+    ``results`` the model's results (one per dataset; ``image_id`` the SOP Instance UID, or
+    in the same order). ``result_version`` > 1 for a re-run; ``predecessor`` (any dataset
+    with the SOP Class/Instance, Series and Study UIDs of the SR it supersedes) goes into
+    the Predecessor Documents Sequence. ``concept_overrides`` maps finding names to the
+    model card's concepts. Raises :class:`EncodingError` on anything inconsistent.
+    """
+    from inference.pixels import display_uint8
+
+    pairs = align(source_datasets, results)
+    sources = [p[0] for p in pairs]
+    results = [p[1] for p in pairs]
+    _check_one_study(sources)
+    if predecessor is not None and result_version < 2:
+        raise EncodingError("a result that supersedes another needs result_version >= 2")
+    identity = ResultIdentity(str(sources[0].StudyInstanceUID), model.name, model.version, model.weights_sha256,
+                              result_version)
+    if predecessor is not None and str(predecessor.SOPInstanceUID) == identity.sr_instance_uid:
+        raise EncodingError("the predecessor SR has the UID of the new one: raise result_version")
+
+    heatmaps: list[Dataset] = []
+    heatmap_ids: list[str] = []
+    instance_number = 2  # the summary page is instance 1
+    labels = [image_label(ds) for ds in sources]
+    for number, (ds, result) in enumerate(zip(sources, results), 1):
+        if not result.processed:
+            continue
+        if (int(ds.Rows), int(ds.Columns)) != (int(result.rows), int(result.columns)):
+            raise EncodingError(f"result for image {number} is {result.columns}x{result.rows}, "
+                                f"the image is {ds.Columns}x{ds.Rows}")
+        try:
+            display = display_uint8(ds)
+        except ImageNotProcessable as exc:
+            raise EncodingError(f"image {number} was processed but cannot be displayed: {exc.reason}") from exc
+        pixels = sc_content.render_heatmap(display, result, model,
+                                           title=f"image {number} of {len(sources)} ({labels[number - 1]})")
+        _, map_label = sc_content.choose_map(result)
+        derivation = (f"{map_label or 'no'} map of {model.name} {model.version} blended over the source image as "
+                      f"displayed (VOI applied); fracture boxes: solid = definite, dotted = suspected")
+        sop_uid = str(ds.SOPInstanceUID)
+        heatmaps.append(build_sc(pixels, [ds], model, identity, sop_instance_uid=identity.heatmap_uid(sop_uid),
+                                 instance_number=instance_number, derivation=derivation))
+        heatmap_ids.append(identity.file_id("heatmap", sop_uid))
+        instance_number += 1
+
+    page = sc_content.render_summary(results, labels, model, _summary_header(sources[0], results))
+    summary = build_sc(page, sources, model, identity, sop_instance_uid=identity.summary_uid, instance_number=1,
+                       derivation=f"table of the findings of {model.name} {model.version} for every image of the "
+                                  f"study")
+
+    sr = build_sr(sources, results, model, identity, heatmaps=heatmaps, summary=[summary], predecessor=predecessor,
+                  concept_overrides=concept_overrides)
+    return ResultObjects(identity=identity, sr=sr, heatmaps=heatmaps, summary=summary, heatmap_ids=heatmap_ids)
+
+
+def _write(ds: Dataset, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def output_names(objs: ResultObjects) -> list[str]:
+    """File names (from derived ids, never from UIDs) in the order of :meth:`ResultObjects.datasets`."""
+    ident = objs.identity
+    return ([f"summary_{ident.file_id('summary')}.dcm"]
+            + [f"heatmap_{i}.dcm" for i in objs.heatmap_ids]
+            + [f"sr_{ident.file_id('sr')}.dcm"])
+
+
+def write_result_objects(objs: ResultObjects, out_dir: Path | str) -> list[Path]:
+    """Write the objects as DICOM Part 10 files into ``out_dir`` (created); returns the paths.
+
+    Writing the same results again overwrites the same files (names derive from the identity).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds, name in zip(objs.datasets(), output_names(objs)):
+        path = out / name
+        _write(ds, path)
+        paths.append(path)
+    return paths
+
+
+def write_results_for_files(pairs: Sequence[tuple[Path | str, ImageResult]], model: ModelInfo, out_dir: Path | str,
+                            *, card=None, result_version: int = 1) -> tuple[list[Path], list[str]]:
+    """``dicom-node infer --dicom-out``: results of DICOM files -> SR, heatmaps and summary per study.
+
+    ``pairs`` are (DICOM file, its result). Files are grouped by study (re-read here, so the caller
+    need not keep the datasets); each study's objects go into ``out_dir/<study id>/`` (an id derived
+    from the Study Instance UID). A file repeating a SOP Instance UID already seen is skipped.
+    Returns (paths written, one message per study or file that could not be encoded).
+    """
+    import pydicom
+
+    from dicom_node.identity import derive_id
+
+    log = logging.getLogger("dicom_node.results")
+    overrides = card_concepts(card) if card is not None else None
+    studies: dict[str, list[tuple[Dataset, ImageResult]]] = {}
+    seen: set[str] = set()
+    errors: list[str] = []
+    for path, result in pairs:
+        try:
+            ds = pydicom.dcmread(path)
+            study, sop = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+        except Exception as exc:  # unreadable now, or missing the UIDs a result object needs
+            errors.append(f"{path}: not encoded as DICOM ({type(exc).__name__}: {exc})")
+            continue
+        if sop in seen:
+            errors.append(f"{path}: skipped, SOP Instance UID already given by another file")
+            continue
+        seen.add(sop)
+        if result.image_id != sop:  # results are matched by position below; keep them aligned
+            from dataclasses import replace
+
+            result = replace(result, image_id=sop)
+        studies.setdefault(study, []).append((ds, result))
+    written: list[Path] = []
+    for study, items in studies.items():
+        try:
+            objs = build_result_objects([d for d, _ in items], [r for _, r in items], model,
+                                        result_version=result_version, concept_overrides=overrides)
+            written += write_result_objects(objs, Path(out_dir) / f"study_{derive_id('study', study, length=16)}")
+        except EncodingError as exc:
+            log.error("study %s: results not encoded: %s", study, exc)
+            errors.append(f"study {study}: results not encoded: {exc}")
+    return written, errors
+
+
+__all__ = ["ResultObjects", "build_result_objects", "write_result_objects", "write_results_for_files", "align",
+           "output_names", "card_concepts", "predecessor_reference"]

@@ -1,0 +1,99 @@
+"""Anomaly maps from the masked autoencoder's reconstruction error, and regions from maps.
+
+Complementary masks: the patch grid is split into ``groups`` regular lattices
+(2x2 -> 4 groups, matching the 75 % mask ratio of training); pass *g* shows the
+encoder lattice *g* only and the decoder reconstructs the rest. With all four
+passes every patch is reconstructed three times from the others; the shipped
+setting runs the two diagonal lattices (``passes: [0, 3]``), whose visible sets
+are disjoint, so every patch is still reconstructed from the others (once or
+twice) at half the cost: the encoder sees half an image's worth of tokens. The per-patch error is
+normalised against its distribution on normal training images (per grid
+position: z = (error - mean) / std) and patches outside the image (letterbox
+padding) are set to 0. ``z`` is mapped to 0..1 for display by ``clip(z / z_max)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from inference.preprocess import Geometry
+from inference.results import Region
+from inference.vit import MAE, complementary_keeps, patchify
+
+
+@torch.no_grad()
+def reconstruction_error(mae: MAE, x: torch.Tensor, groups: int = 4, passes: tuple[int, ...] | None = None
+                         ) -> torch.Tensor:
+    """(B, 1, S, S) -> (B, N) mean squared error of every patch, each reconstructed from the others.
+
+    ``passes`` picks which of the ``groups`` lattices are shown to the encoder (default: all).
+    Two diagonal lattices of a 2x2 split (0 and 3) already mask every patch at least once
+    (their visible sets are disjoint) at half the cost of all four.
+    """
+    cfg = mae.cfg
+    keeps = complementary_keeps(cfg, groups).to(x.device)  # (G, K)
+    if passes is not None:
+        keeps = keeps[list(passes)]
+    groups = keeps.shape[0]
+    b = x.shape[0]
+    xs = x.repeat(groups, 1, 1, 1)  # (G*B, ...), pass-major
+    keep = keeps.repeat_interleave(b, dim=0)  # (G*B, K)
+    pred = mae.reconstruct(xs, keep)
+    target = patchify(xs, cfg.patch_size)
+    err = (pred - target).pow(2).mean(-1)  # (G*B, N)
+    masked = torch.ones_like(err)
+    masked.scatter_(1, keep, 0.0)
+    err = (err * masked).view(groups, b, -1).sum(0) / masked.view(groups, b, -1).sum(0)
+    return err
+
+
+def coverage(geo: Geometry, grid: int) -> np.ndarray:
+    """(grid, grid) fraction of each patch covered by the image (not letterbox padding)."""
+    p = geo.size / grid
+    edges = np.arange(grid + 1) * p
+    cov_y = np.clip(np.minimum(edges[1:], geo.off_y + geo.height) - np.maximum(edges[:-1], geo.off_y), 0, p) / p
+    cov_x = np.clip(np.minimum(edges[1:], geo.off_x + geo.width) - np.maximum(edges[:-1], geo.off_x), 0, p) / p
+    return np.outer(cov_y, cov_x).astype(np.float32)
+
+
+def normalise(err: np.ndarray, mean: np.ndarray, std: np.ndarray, geo: Geometry, grid: int,
+              min_coverage: float = 0.5) -> np.ndarray:
+    """Per-patch errors (N,) -> z-scores on the (grid, grid) lattice, padding patches 0."""
+    z = (err.reshape(grid, grid) - mean.reshape(grid, grid)) / np.maximum(std.reshape(grid, grid), 1e-6)
+    z[coverage(geo, grid) < min_coverage] = 0.0
+    return z.astype(np.float32)
+
+
+def grid_to_canvas(values: np.ndarray, size: int, sigma_patches: float = 0.6) -> np.ndarray:
+    """(g, g) patch values -> (size, size), smoothed (Gaussian, in patches) and bilinearly upsampled."""
+    g = values.shape[0]
+    v = ndimage.gaussian_filter(values.astype(np.float32), sigma_patches, mode="nearest") if sigma_patches else values
+    zoom = size / g
+    return ndimage.zoom(v, zoom, order=1, mode="nearest", grid_mode=True).astype(np.float32)
+
+
+def regions_from_map(canvas_map: np.ndarray, geo: Geometry, threshold: float, source: str,
+                     max_regions: int = 5, min_area_fraction: float = 0.002) -> tuple[Region, ...]:
+    """Connected components of ``canvas_map >= threshold`` inside the image, as boxes in source pixels."""
+    inside = np.zeros_like(canvas_map, dtype=bool)
+    inside[geo.off_y:geo.off_y + geo.height, geo.off_x:geo.off_x + geo.width] = True
+    labels, n = ndimage.label((canvas_map >= threshold) & inside)
+    if n == 0:
+        return ()
+    regions = []
+    px_per_canvas = (geo.rows / geo.height) * (geo.columns / geo.width)
+    min_area = min_area_fraction * geo.height * geo.width
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        comp = labels[sl] == i
+        area = int(comp.sum())
+        if area < min_area:
+            continue
+        peak = float(canvas_map[sl][comp].max())
+        box = geo.box_to_source((sl[1].start, sl[0].start, sl[1].stop, sl[0].stop))
+        regions.append(Region(box=box, score=peak, area_px=int(round(area * px_per_canvas)), source=source))
+    regions.sort(key=lambda r: -r.score)
+    return tuple(regions[:max_regions])

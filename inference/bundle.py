@@ -1,0 +1,406 @@
+"""Model bundles (MONAI Bundle layout) and the :class:`Model` that runs one.
+
+Layout::
+
+    <bundle>/configs/metadata.json   the card (MONAI metadata fields + "msk_node")
+    <bundle>/models/mae.safetensors  encoder + MAE decoder
+    <bundle>/models/heads/<name>.safetensors
+    <bundle>/models/anomaly.safetensors   normal-image reconstruction-error statistics
+    <bundle>/docs/README.md          the model card for people
+
+Every weights file's sha256 is recorded in the card and checked at load.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from dicom_node.errors import BundleError
+from inference import data as D
+from inference.card import Card, read_card, sha256_file, verify_weights
+from inference.vit import MAE, ViTConfig
+
+MAE_FILE = "models/mae.safetensors"
+ANOMALY_FILE = "models/anomaly.safetensors"
+#: modalities the model reads; OT/SC/XC for secondary captures and digitised films
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "RG", "OT", "SC", "XC", "DR"})
+DEFAULT_BUNDLE = Path(__file__).resolve().parent / "bundles" / "msk-foundation"
+
+SCT = "SCT"
+PRIVATE = "99MSKAI"
+
+# Coded concepts the reports use. SNOMED CT where a code exists, else the project's private scheme.
+CONCEPTS = {
+    "fracture": {"value": "72704001", "scheme_designator": SCT, "meaning": "Fracture"},
+    "tumour": {"value": "108369006", "scheme_designator": SCT, "meaning": "Neoplasm"},
+    "hardware": {"value": "40388003", "scheme_designator": SCT, "meaning": "Implant"},
+    "kl_grade": {"value": "KLGRADE", "scheme_designator": PRIVATE, "meaning": "Kellgren-Lawrence grade"},
+    "anatomy": {"value": "123014", "scheme_designator": "DCM", "meaning": "Target Region"},
+    "view": {"value": "111031", "scheme_designator": "DCM", "meaning": "Image View"},
+}
+LABEL_CONCEPTS = {
+    "anatomy": [
+        {"value": "85562004", "scheme_designator": SCT, "meaning": "Hand"},
+        {"value": "30021000", "scheme_designator": SCT, "meaning": "Lower leg"},
+        {"value": "24136001", "scheme_designator": SCT, "meaning": "Hip joint"},
+        {"value": "16982005", "scheme_designator": SCT, "meaning": "Shoulder region"},
+        {"value": "72696002", "scheme_designator": SCT, "meaning": "Knee"},
+        {"value": "OTHER", "scheme_designator": PRIVATE, "meaning": "Other or several regions"},
+    ],
+    "view": [
+        {"value": "399348003", "scheme_designator": SCT, "meaning": "frontal"},  # SCT 'frontal' view qualifier
+        {"value": "399198007", "scheme_designator": SCT, "meaning": "lateral"},  # SCT 'lateral' view qualifier
+        {"value": "30730003", "scheme_designator": SCT, "meaning": "oblique"},  # SCT 'oblique' projection
+    ],
+    "kl_grade": [{"value": f"KL{g}", "scheme_designator": PRIVATE, "meaning": f"Kellgren-Lawrence grade {g}"}
+                 for g in D.KL_GRADES],
+}
+
+TUMOUR_SLOT = {
+    "kind": "binary", "labels": ["absent", "present"], "concept": CONCEPTS["tumour"], "weights": None,
+    "operating_points": None,
+    "notes": "Slot only: no bone tumour data was available to the project, so this head ships no weights and "
+             "the node reports no tumour finding. `dicom-node model fit-heads --head tumour --labels CSV` trains it.",
+}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def base_metadata(cfg: ViTConfig, name: str = "msk-foundation", version: str = "0.1.0") -> dict:
+    """A fresh card: MONAI bundle metadata fields plus the node's own section."""
+    import monai
+
+    return {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
+                  "meta_schema_20220324.json",
+        "name": name,
+        "version": version,
+        "changelog": {version: "MAE-pretrained ViT encoder with fracture, KL grade, anatomy and view heads"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {"safetensors": _version("safetensors")},
+        "task": "Musculoskeletal radiograph findings: fracture, knee OA Kellgren-Lawrence grade, anatomy, view; "
+                "reconstruction-error anomaly maps",
+        "description": "A small Vision Transformer trained self-supervised as a masked autoencoder on "
+                       "musculoskeletal radiographs, with task heads on its embedding.",
+        "authors": "msk-dicom-node project",
+        "copyright": "Weights: msk-dicom-node project. Training data CC BY 4.0, see docs/README.md",
+        "data_source": "FracAtlas (doi:10.6084/m9.figshare.22363012) and the Knee Osteoarthritis Severity "
+                       "Grading Dataset (doi:10.17632/56rmx5bjcr.1, from the Osteoarthritis Initiative), "
+                       "both CC BY 4.0",
+        "data_type": "jpeg (training); DICOM at inference",
+        "image_classes": "single channel radiograph, displayed intensities (VOI applied, bone bright)",
+        "label_classes": "see msk_node.heads",
+        "pred_classes": "see msk_node.heads",
+        "intended_use": "Research and workflow prototyping only; not for diagnostic use.",
+        "references": [
+            "Abedeen I. et al., FracAtlas, Scientific Data 10, 521 (2023), doi:10.1038/s41597-023-02432-4",
+            "Chen P., Knee Osteoarthritis Severity Grading Dataset, Mendeley Data V1 (2018), "
+            "doi:10.17632/56rmx5bjcr.1",
+            "He K. et al., Masked Autoencoders Are Scalable Vision Learners, CVPR 2022",
+        ],
+        "network_data_format": {
+            "inputs": {"image": {
+                "type": "image", "format": "magnitude", "modality": "CR/DX", "num_channels": 1,
+                "spatial_shape": [cfg.image_size, cfg.image_size], "dtype": "float32",
+                "value_range": [-10, 10], "is_patch_data": False,
+                "channel_def": {"0": "image standardised per image (zero mean, unit variance)"}}},
+            "outputs": {"tokens": {
+                "type": "tokens", "format": "embedding", "num_channels": cfg.dim,
+                "spatial_shape": [1 + cfg.num_patches], "dtype": "float32", "value_range": [-100, 100],
+                "is_patch_data": False, "channel_def": {"0": "class token, then patch tokens row-major"}}},
+        },
+        "msk_node": {
+            "name": name,
+            "manufacturer": "msk-dicom-node project",
+            "for_diagnostic_use": False,
+            "architecture": {"encoder": "vit-mae", "config": cfg.to_dict(), "file": MAE_FILE},
+            "preprocessing": {
+                "input": "displayed image (VOI LUT/window applied, MONOCHROME1 inverted; see inference.pixels)",
+                "resize": "area downscale so the long side is image_size, centred on a square black canvas",
+                "normalise": "zero mean, unit variance over the image part",
+                "image_size": cfg.image_size,
+            },
+            "heads": {"tumour": dict(TUMOUR_SLOT)},
+            "anomaly": {},
+            "weights": {},
+            "validation_metrics": {},
+            "training": {},
+        },
+    }
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import version
+
+    try:
+        return version(pkg)
+    except Exception:
+        return "unknown"
+
+
+def save_tensors(root: Path, rel: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write a safetensors file and record its sha256 in ``meta`` (atomically)."""
+    path = Path(root) / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+    meta["msk_node"]["weights"][rel] = sha256_file(path)
+
+
+def write_metadata(root: Path, meta: dict) -> None:
+    path = Path(root) / "configs" / "metadata.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("metadata.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_metadata(root: Path) -> dict:
+    return read_card(root).to_dict()
+
+
+def write_pretrained_bundle(out: str | Path, mae: MAE, cfg: ViTConfig, training: dict) -> None:
+    out = Path(out)
+    meta = base_metadata(cfg)
+    meta["msk_node"]["training"] = {"pretrain": training, "python": platform.python_version(),
+                                    "written": _now()}
+    save_tensors(out, MAE_FILE, mae.state_dict(), meta)
+    write_metadata(out, meta)
+
+
+def load_mae(root: str | Path, device: str = "cpu") -> tuple[MAE, ViTConfig, Card]:
+    card = read_card(Path(root))
+    verify_weights(card, [card.architecture["file"]])
+    try:
+        cfg = ViTConfig.from_dict(card.architecture["config"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise BundleError(f"{card.root}: architecture.config is invalid ({exc})") from exc
+    mae = MAE(cfg)
+    state = load_file(str(card.root / card.architecture["file"]))
+    try:
+        mae.load_state_dict(state)
+    except RuntimeError as exc:
+        raise BundleError(f"{card.root}: {card.architecture['file']} does not fit the architecture: {exc}") from exc
+    return mae.to(device).eval(), cfg, card
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a bundle
+
+
+def _auto_device(device: str | None) -> str:
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Model:
+    """A loaded bundle: encoder once per image, every head on its tokens, the anomaly map."""
+
+    def __init__(self, root: str | Path, device: str | None = None):
+        from inference.heads import build_head, n_outputs
+
+        self.root = Path(root)
+        self.card: Card = read_card(self.root)
+        verify_weights(self.card)
+        self.device = _auto_device(device)
+        self.mae, self.cfg, _ = load_mae(self.root, self.device)
+        self.heads: dict[str, torch.nn.Module] = {}
+        for name, spec in self.card.heads.items():
+            if not spec.has_weights:
+                continue
+            try:
+                head = build_head(spec.arch, self.cfg.dim, n_outputs(spec.kind, spec.labels))
+                head.load_state_dict(load_file(str(self.root / spec.weights)))
+            except (RuntimeError, ValueError) as exc:
+                raise BundleError(f"{self.root}: head {name!r} ({spec.weights}) does not load: {exc}") from exc
+            self.heads[name] = head.to(self.device).eval()
+        an = self.card.anomaly
+        self.anomaly_mean = self.anomaly_std = None
+        if an.get("file"):
+            t = load_file(str(self.root / an["file"]))
+            if "mean" not in t or "std" not in t or t["mean"].numel() != self.cfg.num_patches:
+                raise BundleError(f"{self.root}: {an['file']} needs 'mean' and 'std' over {self.cfg.num_patches} patches")
+            self.anomaly_mean, self.anomaly_std = t["mean"].numpy(), t["std"].numpy()
+        self.batch_size = 16
+
+    # -- identity -------------------------------------------------------------------------
+    @property
+    def info(self):
+        from inference.results import ModelInfo
+
+        meta = self.card.meta
+        return ModelInfo(name=self.card.name, version=self.card.version,
+                         weights_sha256=self.card.weights[self.card.architecture["file"]],
+                         manufacturer=self.card.manufacturer,
+                         for_diagnostic_use=bool(meta["msk_node"].get("for_diagnostic_use", False)),
+                         description=str(meta.get("description", "")))
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        return tuple(self.heads)
+
+    # -- low level --------------------------------------------------------------------------
+    def prepare(self, image: np.ndarray):
+        from inference.preprocess import prepare
+
+        return prepare(image, self.cfg.image_size)
+
+    @torch.no_grad()
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mae.encoder(x.to(self.device))
+
+    @torch.no_grad()
+    def run_heads(self, tokens: torch.Tensor, names=None) -> dict[str, dict[str, torch.Tensor]]:
+        return {n: {k: v.float().cpu() for k, v in h(tokens).items()}
+                for n, h in self.heads.items() if names is None or n in names}
+
+    # -- prediction ---------------------------------------------------------------------------
+    def predict_datasets(self, datasets, image_ids: list[str] | None = None, heads: set[str] | None = None,
+                         maps: bool = True):
+        """One :class:`ImageResult` per dataset; an image that cannot be processed is reported, not raised."""
+        from dicom_node.errors import ImageNotProcessable
+        from inference.pixels import display_uint8
+        from inference.results import ImageResult
+
+        ids = list(image_ids) if image_ids is not None else [str(getattr(ds, "SOPInstanceUID", i))
+                                                             for i, ds in enumerate(datasets)]
+        if len(ids) != len(datasets):
+            raise ValueError("image_ids and datasets differ in length")
+        results: list = [None] * len(datasets)
+        arrays, where, hints = [], [], []
+        for i, ds in enumerate(datasets):
+            rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+            modality = str(ds.get("Modality", "") or "").upper()
+            if modality and modality not in RADIOGRAPH_MODALITIES:
+                results[i] = ImageResult.not_processed(
+                    ids[i], f"modality {modality} is not a projection radiograph (the model reads "
+                            f"{', '.join(sorted(RADIOGRAPH_MODALITIES))})", rows, cols)
+                continue
+            try:
+                arr = display_uint8(ds)
+            except ImageNotProcessable as exc:
+                results[i] = ImageResult.not_processed(ids[i], exc.reason, rows, cols)
+                continue
+            except Exception as exc:  # a dataset broken in a way the decoder did not anticipate
+                results[i] = ImageResult.not_processed(ids[i], f"{type(exc).__name__}: {exc}", rows, cols)
+                continue
+            arrays.append(arr)
+            where.append(i)
+            hints.append(str(ds.get("BodyPartExamined", "") or "").upper())
+        for i, r in zip(where, self.predict_arrays(arrays, [ids[i] for i in where], heads, maps=maps,
+                                                    body_parts=hints)):
+            results[i] = r
+        return results
+
+    def predict_arrays(self, images, image_ids: list[str] | None = None, heads: set[str] | None = None,
+                       maps: bool = True, body_parts: list[str] | None = None):
+        """Displayed greyscale images (uint8, or float 0..1; bone bright) -> ImageResults."""
+        from inference.results import ImageResult
+
+        ids = list(image_ids) if image_ids is not None else [str(i) for i in range(len(images))]
+        if len(ids) != len(images):
+            raise ValueError("image_ids and images differ in length")
+        want = set(heads) if heads is not None else set(self.heads) | {"anomaly", "tumour"}
+        unknown = want - set(self.card.heads) - {"anomaly"}
+        if unknown:
+            raise ValueError(f"unknown head(s) {sorted(unknown)}; the bundle has {sorted(self.card.heads)}")
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = list(range(start, min(start + self.batch_size, len(images))))
+            prepared, geos, failed = [], [], {}
+            for i in chunk:
+                try:
+                    x, geo = self.prepare(images[i])
+                    prepared.append(x)
+                    geos.append((i, geo))
+                except ValueError as exc:
+                    failed[i] = str(exc)
+            batch_results = {}
+            if prepared:
+                x = torch.from_numpy(np.stack(prepared))[:, None]
+                batch_results = self._predict_batch(x, geos, ids, want, maps, body_parts)
+            for i in chunk:
+                if i in failed:
+                    shape = np.asarray(images[i]).shape
+                    out.append(ImageResult.not_processed(ids[i], failed[i], *(shape[:2] if len(shape) >= 2 else (0, 0))))
+                else:
+                    out.append(batch_results[i])
+        return out
+
+    @torch.no_grad()
+    def _predict_batch(self, x, geos, ids, want, maps, body_parts):
+        from inference.anomaly import coverage, grid_to_canvas, normalise, reconstruction_error, regions_from_map
+        from inference.heads import probabilities
+        from inference.results import BinaryFinding, CategoricalFinding, ImageResult
+
+        x = x.to(self.device)
+        tokens = self.tokens(x)
+        need = {n for n in self.heads if n in want}
+        gate = {n for n in need if self.card.heads[n].applies_to}
+        outs = self.run_heads(tokens, need | ({"anatomy"} if gate and "anatomy" in self.heads else set()))
+        errs = None
+        an = self.card.anomaly
+        if "anomaly" in want and self.anomaly_mean is not None:
+            passes = tuple(an["passes"]) if an.get("passes") is not None else None
+            errs = reconstruction_error(self.mae, x, int(an.get("groups", 4)), passes).cpu().numpy()
+        g = self.cfg.grid
+        results = {}
+        for b, (i, geo) in enumerate(geos):
+            kw = {}
+            anatomy_label = None
+            if "anatomy" in outs:
+                spec = self.card.heads["anatomy"]
+                p = probabilities(spec.kind, outs["anatomy"]["logits"])[b].numpy()
+                anatomy_label = spec.labels[int(np.argmax(p))]
+            for name in need:
+                spec = self.card.heads[name]
+                if spec.applies_to:
+                    hint = (body_parts[i] if body_parts else "").lower()
+                    if anatomy_label not in spec.applies_to and hint not in spec.applies_to:
+                        continue  # e.g. KL grade only on knees
+                o = outs[name]
+                p = probabilities(spec.kind, o["logits"])[b].numpy()
+                if spec.kind == "binary":
+                    finding = BinaryFinding(name=name, probability=float(p), operating_points=spec.operating_points,
+                                            concept=spec.concept)
+                else:
+                    finding = CategoricalFinding(name=name, labels=spec.labels,
+                                                 probabilities=tuple(float(v) for v in p),
+                                                 concepts=spec.label_concepts)
+                if name in ("fracture", "tumour", "kl_grade", "anatomy", "view"):
+                    kw[name] = finding
+                if maps and "patch_logits" in o and name == "fracture":
+                    pm = torch.sigmoid(o["patch_logits"][b]).numpy().reshape(g, g)
+                    pm = pm * (coverage(geo, g) >= float(an.get("min_coverage", 0.5)))
+                    canvas = grid_to_canvas(pm, geo.size, float(spec.arch.get("smooth_patches", 0.6)))
+                    kw["fracture_map"] = np.clip(geo.map_to_source(canvas), 0, 1)
+                    kw["fracture_regions"] = regions_from_map(
+                        canvas, geo, float(spec.arch.get("region_threshold", 0.5)), "fracture")
+            if errs is not None and maps:
+                z = normalise(errs[b], self.anomaly_mean, self.anomaly_std, geo, g,
+                              float(an.get("min_coverage", 0.5)))
+                canvas = np.clip(grid_to_canvas(z, geo.size, float(an.get("smooth_patches", 0.6)))
+                                 / float(an.get("z_max", 6.0)), 0, 1)
+                kw["anomaly_map"] = np.clip(geo.map_to_source(canvas), 0, 1).astype(np.float32)
+                kw["regions"] = regions_from_map(canvas, geo, float(an.get("region_threshold", 0.5)), "anomaly")
+            results[i] = ImageResult(image_id=ids[i], rows=geo.rows, columns=geo.columns, **kw)
+        return results
+
+
+def load_bundle(path: str | Path | None = None, device: str | None = None) -> Model:
+    """Load a bundle (None: the shipped default) onto ``device`` (None: cuda if available, else cpu)."""
+    return Model(Path(path) if path is not None else DEFAULT_BUNDLE, device)

@@ -1,0 +1,117 @@
+"""The one image transform used at training and at inference, and its inverse for maps and boxes.
+
+A displayed radiograph (uint8 or float 0..1, bone bright, any size) becomes a
+square ``size x size`` float32 array: downscaled (area averaging) so that its
+long side is ``size``, standardised to zero mean / unit variance over the image,
+and centred on a square canvas whose padding is the image's black level.
+:class:`Geometry` remembers the scale and offsets, so a map on the model's grid
+goes back to the source rows/columns and a box in source pixels onto the grid.
+No torch in here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+#: images with a side above this are halved (box filter) before anything else: a 4k x 4k
+#: detector image costs no more than a 2k one
+EARLY_DOWNSCALE_SIDE = 2048
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the source image lies on the model's square canvas."""
+
+    rows: int
+    columns: int
+    size: int
+    scale: float  # canvas pixels per source pixel
+    off_y: int  # canvas row of the source's top edge
+    off_x: int  # canvas column of the source's left edge
+    height: int  # rows the image covers on the canvas
+    width: int  # columns the image covers on the canvas
+
+    @classmethod
+    def for_image(cls, rows: int, columns: int, size: int) -> "Geometry":
+        if rows < 1 or columns < 1:
+            raise ValueError(f"empty image {rows}x{columns}")
+        scale = size / max(rows, columns)
+        h = max(1, min(size, int(round(rows * scale))))
+        w = max(1, min(size, int(round(columns * scale))))
+        return cls(rows, columns, size, scale, (size - h) // 2, (size - w) // 2, h, w)
+
+    def box_to_canvas(self, box):
+        x0, y0, x1, y1 = box
+        sx, sy = self.width / self.columns, self.height / self.rows
+        return (self.off_x + x0 * sx, self.off_y + y0 * sy, self.off_x + x1 * sx, self.off_y + y1 * sy)
+
+    def box_to_source(self, box):
+        x0, y0, x1, y1 = box
+        sx, sy = self.columns / self.width, self.rows / self.height
+        return (float(np.clip((x0 - self.off_x) * sx, 0, self.columns)),
+                float(np.clip((y0 - self.off_y) * sy, 0, self.rows)),
+                float(np.clip((x1 - self.off_x) * sx, 0, self.columns)),
+                float(np.clip((y1 - self.off_y) * sy, 0, self.rows)))
+
+    def map_to_source(self, grid: np.ndarray) -> np.ndarray:
+        """A map over the canvas (any square resolution) -> float32 ``(rows, columns)``, bilinear."""
+        grid = np.asarray(grid, dtype=np.float32)
+        f = grid.shape[0] / self.size
+        y0, x0 = self.off_y * f, self.off_x * f
+        y1, x1 = (self.off_y + self.height) * f, (self.off_x + self.width) * f
+        img = Image.fromarray(grid, mode="F")
+        out = img.resize((self.columns, self.rows), Image.BILINEAR, box=(x0, y0, x1, y1))
+        return np.asarray(out, dtype=np.float32)
+
+
+def as_float_image(image: np.ndarray) -> np.ndarray:
+    """uint8 0..255 or float 0..1 greyscale (or RGB, made grey) -> float32 0..1 (rows, cols)."""
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[-1] in (3, 4):
+        a = a[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        if np.asarray(image).dtype == np.uint8:
+            a = a / 255.0
+        return np.clip(a, 0, 1).astype(np.float32)
+    if a.ndim != 2:
+        raise ValueError(f"expected a 2-D greyscale image, got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype == np.uint16:
+        return a.astype(np.float32) / 65535.0
+    return np.clip(a.astype(np.float32), 0.0, 1.0)
+
+
+def resize_to_canvas(image01: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
+    """float 0..1 image -> (size x size float32 canvas 0..1 with black padding, geometry)."""
+    rows, cols = image01.shape
+    geo = Geometry.for_image(rows, cols, size)
+    img = image01
+    while max(img.shape) > EARLY_DOWNSCALE_SIDE:
+        h, w = (img.shape[0] // 2) * 2, (img.shape[1] // 2) * 2
+        img = img[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+    small = Image.fromarray(img.astype(np.float32), mode="F").resize((geo.width, geo.height), Image.BOX)
+    canvas = np.zeros((size, size), dtype=np.float32)
+    canvas[geo.off_y:geo.off_y + geo.height, geo.off_x:geo.off_x + geo.width] = np.asarray(small)
+    return canvas, geo
+
+
+def standardise(canvas01: np.ndarray, geo: Geometry) -> np.ndarray:
+    """Zero mean / unit variance over the image part of the canvas (padding gets the same transform)."""
+    part = canvas01[geo.off_y:geo.off_y + geo.height, geo.off_x:geo.off_x + geo.width]
+    mean, std = float(part.mean()), float(part.std())
+    return ((canvas01 - mean) / max(std, 0.02)).astype(np.float32)
+
+
+def prepare(image: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
+    """Displayed image -> (model input float32 size x size, geometry)."""
+    canvas, geo = resize_to_canvas(as_float_image(image), size)
+    return standardise(canvas, geo), geo
+
+
+def canvas_uint8(image: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
+    """Displayed image -> (uint8 canvas, geometry): what the training cache stores."""
+    canvas, geo = resize_to_canvas(as_float_image(image), size)
+    return np.rint(canvas * 255).astype(np.uint8), geo

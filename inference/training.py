@@ -1,0 +1,599 @@
+"""Training: MAE pretraining of the encoder, heads on frozen embeddings, anomaly statistics.
+
+Everything is seeded; CPU by default (``device='cuda'`` where there is one).
+The same preprocessing as inference (:mod:`inference.preprocess`) through the
+uint8 canvas cache of :mod:`inference.data`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inference import data as D
+from inference.preprocess import Geometry
+from inference.vit import MAE, ViTConfig, complementary_keeps
+
+log = logging.getLogger("inference.training")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def canvas_stats(canvases: np.ndarray, geos: list[Geometry]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image mean and std over the image part of each uint8 canvas (0..1 scale)."""
+    means = np.empty(len(geos), np.float32)
+    stds = np.empty(len(geos), np.float32)
+    for i, g in enumerate(geos):
+        part = canvases[i, g.off_y:g.off_y + g.height, g.off_x:g.off_x + g.width].astype(np.float32) / 255.0
+        means[i], stds[i] = part.mean(), max(float(part.std()), 0.02)
+    return means, stds
+
+
+def to_input(canvases_u8: np.ndarray, means: np.ndarray, stds: np.ndarray) -> torch.Tensor:
+    """uint8 canvases (B, S, S) -> standardised float tensor (B, 1, S, S), as preprocess.standardise."""
+    x = torch.from_numpy(canvases_u8).float().div_(255.0)[:, None]
+    m = torch.from_numpy(means)[:, None, None, None]
+    s = torch.from_numpy(stds)[:, None, None, None]
+    return (x - m) / s
+
+
+def augment(x: torch.Tensor, black: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Random horizontal flip, scale 0.85-1.15, shift +-8 %, rotation +-10 deg; padding stays black."""
+    b = x.shape[0]
+    flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
+    scale = 1.0 + (torch.rand(b, generator=gen) * 0.3 - 0.15) * strength
+    angle = (torch.rand(b, generator=gen) * 20 - 10) * math.pi / 180 * strength
+    shift = (torch.rand(b, 2, generator=gen) * 0.16 - 0.08) * strength
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+                         torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    bl = black[:, None, None, None]
+    return F.grid_sample(x - bl, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + bl
+
+
+def lattice_keep(cfg: ViTConfig, b: int, gen: torch.Generator) -> torch.Tensor:
+    """Keeps drawn from the complementary lattices the anomaly map uses (so training has seen them)."""
+    groups = int(round(1 / (1 - cfg.mask_ratio)))
+    keeps = complementary_keeps(cfg, groups)
+    return keeps[torch.randint(0, groups, (b,), generator=gen)]
+
+
+def pretrain(data_dir: str, out: str, *, image_size: int = 192, epochs: int = 10, batch_size: int = 64,
+             lr: float = 5e-4, weight_decay: float = 0.05, seed: int = 0, cache: str | None = None,
+             splits: tuple[str, ...] = ("train",), init: str | None = None, threads: int | None = None,
+             device: str = "cpu", max_minutes: float | None = None, command: str = "",
+             stop_after_epochs: int | None = None) -> Path:
+    """MAE-pretrain an encoder on every image of ``splits`` under ``data_dir``; write a bundle to ``out``."""
+    from inference.bundle import load_mae, write_pretrained_bundle
+
+    if threads:
+        torch.set_num_threads(threads)
+    seed_everything(seed)
+    records = [r for r in D.read_layout(data_dir) if r.split in splits]
+    if init:
+        mae, cfg, _ = load_mae(init)
+        log.info("continuing from %s", init)
+    else:
+        cfg = ViTConfig(image_size=image_size)
+        mae = MAE(cfg)
+    cache = cache or str(Path("/tmp") / f"msk-cache-{cfg.image_size}.npz")
+    canvases, geos = D.build_cache(records, cfg.image_size, cache if cache != "none" else None)
+    means, stds = canvas_stats(canvases, geos)
+    black = torch.from_numpy(-means / stds)
+    mae.to(device).train()
+    opt = torch.optim.AdamW(mae.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    n = len(records)
+    steps_per_epoch = n // batch_size
+    total = max(1, steps_per_epoch * epochs)
+    warm = max(1, int(0.05 * total))
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    t0 = time.time()
+    step = 0
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=gen).numpy()
+        losses = []
+        for s in range(steps_per_epoch):
+            idx = np.sort(perm[s * batch_size:(s + 1) * batch_size])
+            x = augment(to_input(canvases[idx], means[idx], stds[idx]), black[idx], gen)
+            keep = lattice_keep(cfg, len(idx), gen) if s % 4 == 3 else mae.random_keep(len(idx), gen)
+            lr_now = lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+            for g in opt.param_groups:
+                g["lr"] = lr_now
+            loss = mae.loss(x.to(device), keep.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(mae.parameters(), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            if s % 20 == 0:
+                log.info("epoch %d step %d/%d loss %.4f lr %.2e (%.0f s)", epoch, s, steps_per_epoch,
+                         np.mean(losses[-20:]), lr_now, time.time() - t0)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.time() - t0, 1)})
+        log.info("epoch %d mean loss %.4f", epoch, history[-1]["loss"])
+        write_pretrained_bundle(out, mae, cfg, training={
+            "command": command, "seed": seed, "epochs_done": epoch + 1, "epochs": epochs, "batch_size": batch_size,
+            "lr": lr, "weight_decay": weight_decay, "splits": list(splits), "images": n, "history": history,
+            "init": init})
+        if max_minutes is not None and (time.time() - t0) / 60 > max_minutes:
+            log.warning("stopping after epoch %d: --max-minutes %.1f reached", epoch, max_minutes)
+            break
+        if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
+            log.info("stopping after epoch %d (--stop-after-epochs; schedule of %d epochs)", epoch, epochs)
+            break
+    return Path(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Frozen embeddings and heads
+
+HEAD_DEFAULTS = {
+    # name: (kind, labels, arch, source filter)
+    "fracture": ("binary", ["absent", "present"], {"type": "attn+patch", "hidden": 256, "dropout": 0.3}),
+    "kl_grade": ("ordinal", list(D.KL_GRADES), {"type": "attn", "hidden": 256, "dropout": 0.3}),
+    "anatomy": ("categorical", list(D.ANATOMY), {"type": "attn", "hidden": 256, "dropout": 0.3}),
+    "view": ("categorical", list(D.VIEWS), {"type": "attn", "hidden": 256, "dropout": 0.3}),
+    "hardware": ("binary", ["absent", "present"], {"type": "linear", "dropout": 0.0}),
+    "tumour": ("binary", ["absent", "present"], {"type": "linear", "dropout": 0.0}),
+}
+
+
+@torch.no_grad()
+def extract_tokens(mae: MAE, canvases: np.ndarray, means: np.ndarray, stds: np.ndarray, batch_size: int = 64,
+                   device: str = "cpu") -> torch.Tensor:
+    """Encoder tokens of every canvas (no augmentation, as at inference): float16 (N, 1+P, dim)."""
+    mae.eval()
+    out = []
+    t0 = time.time()
+    for s in range(0, len(canvases), batch_size):
+        x = to_input(canvases[s:s + batch_size], means[s:s + batch_size], stds[s:s + batch_size])
+        out.append(mae.encoder(x.to(device)).to(torch.float16).cpu())
+        if (s // batch_size) % 20 == 0:
+            log.info("embedded %d/%d (%.0f s)", s + len(x), len(canvases), time.time() - t0)
+    return torch.cat(out)
+
+
+class Embedded:
+    """Records of a data layout with their frozen tokens (memoised on disk per bundle + image set)."""
+
+    def __init__(self, bundle: str | Path, records: list[D.Record], cache_dir: str | Path | None = None,
+                 device: str = "cpu"):
+        from inference.bundle import load_mae
+
+        self.mae, self.cfg, self.card = load_mae(bundle, device)
+        self.records = records
+        cache_dir = Path(cache_dir) if cache_dir else Path("/tmp")
+        self.canvases, self.geos = D.build_cache(records, self.cfg.image_size,
+                                                 cache_dir / f"msk-cache-{self.cfg.image_size}-{_key(records)}.npz")
+        self.means, self.stds = canvas_stats(self.canvases, self.geos)
+        enc_sha = self.card.weights[self.card.architecture["file"]][:16]
+        tok_path = cache_dir / f"msk-tokens-{enc_sha}-{_key(records)}.pt"
+        if tok_path.exists():
+            self.tokens = torch.load(tok_path)
+        else:
+            self.tokens = extract_tokens(self.mae, self.canvases, self.means, self.stds, device=device)
+            tmp = tok_path.with_name(tok_path.name + ".tmp")
+            torch.save(self.tokens, tmp)
+            tmp.replace(tok_path)
+
+    def index(self, split: str, predicate) -> np.ndarray:
+        return np.array([i for i, r in enumerate(self.records) if r.split == split and predicate(r)], dtype=np.int64)
+
+
+def _key(records) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(r.path for r in records).encode()).hexdigest()[:12]
+
+
+def head_targets(name: str, records: list[D.Record]):
+    """(predicate selecting usable records, target function record -> label)."""
+    if name == "fracture":
+        return (lambda r: r.fractured >= 0), (lambda r: r.fractured)
+    if name == "hardware":
+        return (lambda r: r.hardware >= 0), (lambda r: r.hardware)
+    if name == "kl_grade":
+        return (lambda r: r.kl >= 0), (lambda r: r.kl)
+    if name == "anatomy":
+        return (lambda r: r.anatomy >= 0), (lambda r: r.anatomy)
+    if name == "view":
+        return (lambda r: min(r.views) >= 0 and sum(r.views) > 0), (lambda r: r.views)
+    return (lambda r: r.label >= 0), (lambda r: r.label)
+
+
+def patch_targets(records: list[D.Record], geos: list[Geometry], grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch fracture targets from boxes: (targets (N, P) 0..1, usable mask (N,)).
+
+    Images without a fracture: every patch 0. Fractured images with boxes: the share of
+    each patch covered by a box, scaled so that a quarter-covered patch counts as positive.
+    Fractured images without boxes are left out of the patch loss.
+    """
+    n = len(records)
+    tgt = np.zeros((n, grid * grid), np.float32)
+    usable = np.zeros(n, bool)
+    for i, (r, g) in enumerate(zip(records, geos)):
+        if r.fractured == 0:
+            usable[i] = True
+        elif r.fractured == 1 and r.boxes:
+            mask = np.zeros((g.size, g.size), np.float32)
+            for (x0, y0, x1, y1) in r.boxes:
+                cx0, cy0, cx1, cy1 = g.box_to_canvas((x0 * g.columns, y0 * g.rows, x1 * g.columns, y1 * g.rows))
+                mask[int(np.floor(cy0)):int(np.ceil(cy1)), int(np.floor(cx0)):int(np.ceil(cx1))] = 1.0
+            p = g.size // grid
+            cov = mask.reshape(grid, p, grid, p).mean(axis=(1, 3)).ravel()
+            tgt[i] = np.clip(cov * 4.0, 0.0, 1.0)
+            usable[i] = True
+    return tgt, usable
+
+
+def _loss(kind: str, out: dict, y: torch.Tensor, pos_weight: float | None = None) -> torch.Tensor:
+    logits = out["logits"]
+    if kind == "binary":
+        pw = torch.tensor(pos_weight) if pos_weight else None
+        return F.binary_cross_entropy_with_logits(logits[:, 0], y.float(), pos_weight=pw)
+    if y.ndim == 2:  # soft targets (views)
+        t = y.float() / y.float().sum(1, keepdim=True)
+        return -(t * F.log_softmax(logits, 1)).sum(1).mean()
+    ce = F.cross_entropy(logits, y.long(), label_smoothing=0.05)
+    if kind == "ordinal":
+        grades = torch.arange(logits.shape[1], dtype=torch.float32)
+        expected = (torch.softmax(logits, 1) * grades).sum(1)
+        ce = ce + 0.25 * F.smooth_l1_loss(expected, y.float())
+    return ce
+
+
+def score(kind: str, y: np.ndarray, p: np.ndarray) -> float:
+    """Selection score on the development split (higher is better)."""
+    from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
+    if kind == "binary":
+        return float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else 0.0
+    if y.ndim == 2:
+        return float(np.mean(y[np.arange(len(y)), p.argmax(1)] > 0))
+    pred = p.argmax(1)
+    if kind == "ordinal":
+        return float(np.mean(pred == y) + cohen_kappa_score(y, pred, weights="quadratic"))
+    return float(np.mean(pred == y))
+
+
+@torch.no_grad()
+def predict_tokens(head, kind: str, tokens: torch.Tensor, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray | None]:
+    from inference.heads import probabilities
+
+    head.eval()
+    ps, pm = [], []
+    for s in range(0, len(tokens), batch_size):
+        out = head(tokens[s:s + batch_size].float())
+        ps.append(probabilities(kind, out["logits"]).numpy())
+        if "patch_logits" in out:
+            pm.append(torch.sigmoid(out["patch_logits"]).numpy())
+    return np.concatenate(ps), (np.concatenate(pm) if pm else None)
+
+
+def train_head(name: str, kind: str, labels: list[str], arch: dict, tokens: torch.Tensor, y: np.ndarray,
+               dev_tokens: torch.Tensor, dev_y: np.ndarray, *, epochs: int = 40, lr: float = 1e-3,
+               weight_decay: float = 0.05, batch_size: int = 128, seed: int = 0,
+               patch_y: np.ndarray | None = None, patch_ok: np.ndarray | None = None, patch_weight: float = 1.0):
+    """Train one head on frozen tokens; keep the epoch that scores best on the development split."""
+    from inference.heads import build_head, n_outputs
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    head = build_head(arch, tokens.shape[-1], n_outputs(kind, labels))
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    yt = torch.from_numpy(np.asarray(y))
+    pos_weight = None
+    if kind == "binary":
+        pos = float(np.mean(y))
+        pos_weight = min(10.0, (1 - pos) / max(pos, 1e-3)) if 0 < pos < 1 else None
+    n = len(tokens)
+    steps = max(1, math.ceil(n / batch_size))
+    total = steps * epochs
+    best, best_state, history = -1e9, None, []
+    step = 0
+    for epoch in range(epochs):
+        head.train()
+        perm = torch.randperm(n, generator=gen)
+        for s in range(steps):
+            idx = perm[s * batch_size:(s + 1) * batch_size]
+            if len(idx) == 0:
+                continue
+            tok = tokens[idx].float()
+            # token dropout: hide a random 20 % of the patch tokens (a cheap augmentation on frozen features)
+            keep = torch.rand(tok.shape[0], tok.shape[1] - 1, generator=gen) > 0.2
+            tok = torch.cat([tok[:, :1], tok[:, 1:] * keep[..., None]], 1)
+            out = head(tok)
+            loss = _loss(kind, out, yt[idx], pos_weight)
+            if patch_y is not None and "patch_logits" in out:
+                ok = torch.from_numpy(patch_ok[idx.numpy()])
+                if ok.any():
+                    pt = torch.from_numpy(patch_y[idx.numpy()])[ok]
+                    pl = out["patch_logits"][ok]
+                    w = torch.where(pt > 0, 8.0, 1.0)
+                    loss = loss + patch_weight * (F.binary_cross_entropy_with_logits(pl, pt, reduction="none") * w).mean()
+            lr_now = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            for g in opt.param_groups:
+                g["lr"] = lr_now
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        if dev_tokens is None:  # no selection (label-efficiency runs): the last epoch
+            best, best_state = float("nan"), {k: v.detach().clone() for k, v in head.state_dict().items()}
+            history.append({"epoch": epoch})
+            continue
+        p, _ = predict_tokens(head, kind, dev_tokens)
+        sc = score(kind, np.asarray(dev_y), p)
+        history.append({"epoch": epoch, "dev_score": round(sc, 4)})
+        if sc > best:
+            best, best_state = sc, {k: v.detach().clone() for k, v in head.state_dict().items()}
+    head.load_state_dict(best_state)
+    head.eval()
+    best_epoch = (int(np.argmax([h["dev_score"] for h in history])) if dev_tokens is not None
+                  else len(history) - 1)
+    return head, {"dev_score": best, "best_epoch": best_epoch, "history": history}
+
+
+def operating_points(y: np.ndarray, p: np.ndarray, sensitivity: float = 0.90, specificity: float = 0.95) -> dict:
+    """'suspected': the highest threshold keeping sensitivity >= ``sensitivity``;
+    'definite': the lowest threshold reaching specificity >= ``specificity`` (on validation data)."""
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=np.float64)
+    pos, neg = np.sort(p[y == 1]), np.sort(p[y == 0])
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("operating points need positive and negative validation images")
+    k = int(math.floor((1 - sensitivity) * len(pos)))  # may miss k positives
+    suspected = float(pos[k])
+    j = int(math.ceil(specificity * len(neg))) - 1
+    definite = float(np.nextafter(neg[min(j, len(neg) - 1)], 1.0))
+    definite = min(max(definite, suspected), 1.0)
+    return {"suspected": suspected, "definite": definite,
+            "target_sensitivity": sensitivity, "target_specificity": specificity}
+
+
+def dev_split(idx: np.ndarray, records: list[D.Record], fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out a deterministic 10 % of the training indices (by hash) to pick the epoch."""
+    dev = np.array([D.hash_fraction("dev:" + records[i].image_id) < fraction for i in idx])
+    return idx[~dev], idx[dev]
+
+
+def subsample_labels(idx: np.ndarray, y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` labelled images, up to half of them positive (binary labels), seeded."""
+    rng = np.random.default_rng(seed)
+    if n >= len(idx):
+        return idx
+    pos, neg = idx[y == 1], idx[y == 0]
+    n_pos = min(len(pos), max(1, n // 2))
+    return np.sort(np.concatenate([rng.choice(pos, n_pos, replace=False), rng.choice(neg, n - n_pos, replace=False)]))
+
+
+def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[str] | None = None,
+             arch: dict | None = None, epochs: int = 40, seed: int = 0, max_labels: int | None = None,
+             lr: float = 1e-3) -> dict:
+    """Train head ``name`` on ``emb``'s train split; thresholds and metrics on its val split."""
+    d_kind, d_labels, d_arch = HEAD_DEFAULTS.get(name, ("binary", ["absent", "present"], {"type": "linear"}))
+    kind, labels, arch = kind or d_kind, labels or d_labels, dict(arch or d_arch)
+    usable, target = head_targets(name, emb.records)
+    tr_all = emb.index("train", usable)
+    va = emb.index("val", usable)
+    if len(tr_all) == 0:
+        raise ValueError(f"no training images with a {name!r} label")
+    y_all = [target(r) if usable(r) else None for r in emb.records]
+
+    def ys(idx):
+        return np.array([y_all[i] for i in idx], dtype=np.int64) if len(idx) else np.zeros(0, np.int64)
+
+    tr, dev = dev_split(tr_all, emb.records)
+    if max_labels is not None:
+        # a label budget covers everything: no extra development labels to pick the epoch with
+        tr = subsample_labels(tr_all, ys(tr_all), max_labels, seed)
+        dev = None
+        if kind == "binary" and len(set(ys(tr).tolist())) < 2:
+            raise ValueError(f"{max_labels} labels do not include both classes")
+    patch_y = patch_ok = None
+    if arch.get("type") == "attn+patch":
+        pt, ok = patch_targets([emb.records[i] for i in tr], [emb.geos[i] for i in tr], emb.cfg.grid)
+        patch_y, patch_ok = pt, ok
+    head, info = train_head(name, kind, labels, arch, emb.tokens[tr], ys(tr),
+                            emb.tokens[dev] if dev is not None else None, ys(dev) if dev is not None else None,
+                            epochs=epochs, seed=seed, patch_y=patch_y, patch_ok=patch_ok, lr=lr)
+    result = {"head": head, "kind": kind, "labels": labels, "arch": arch, "train_images": int(len(tr)),
+              "dev_images": int(len(dev)) if dev is not None else 0, "val_images": int(len(va)), "selection": info}
+    if len(va):
+        p, _ = predict_tokens(head, kind, emb.tokens[va])
+        result["val_y"], result["val_p"] = ys(va), p
+        if kind == "binary" and len(set(ys(va).tolist())) == 2:
+            result["operating_points"] = operating_points(ys(va), p)
+    return result
+
+
+def save_head(bundle: str | Path, name: str, fit: dict, command: str = "", extra: dict | None = None) -> None:
+    """Write the head's weights and its card entry into ``bundle``."""
+    from inference.bundle import CONCEPTS, LABEL_CONCEPTS, read_metadata, save_tensors, write_metadata
+
+    bundle = Path(bundle)
+    meta = read_metadata(bundle)
+    rel = f"models/heads/{name}.safetensors"
+    save_tensors(bundle, rel, fit["head"].state_dict(), meta)
+    entry = {"kind": fit["kind"], "labels": list(fit["labels"]), "weights": rel, "arch": fit["arch"]}
+    if name in CONCEPTS:
+        entry["concept"] = CONCEPTS[name]
+    if name in LABEL_CONCEPTS and len(LABEL_CONCEPTS[name]) == len(fit["labels"]):
+        entry["label_concepts"] = LABEL_CONCEPTS[name]
+    if fit["kind"] == "binary":
+        ops = fit.get("operating_points")
+        if ops is None:
+            raise ValueError(f"head {name!r}: no validation images with both classes to choose thresholds on")
+        entry["operating_points"] = ops
+    if name == "kl_grade":
+        entry["applies_to"] = ["knee"]
+        entry["notes"] = ("Trained on CLAHE-enhanced 224x224 knee-joint crops; reported only when the anatomy "
+                          "head (or BodyPartExamined) says knee. On a full knee radiograph it is out of its "
+                          "training distribution.")
+    entry["training"] = {"command": command, "train_images": fit["train_images"], "dev_images": fit["dev_images"],
+                         "val_images": fit["val_images"], "best_epoch": fit["selection"]["best_epoch"],
+                         "dev_score": (None if math.isnan(fit["selection"]["dev_score"])
+                                       else round(fit["selection"]["dev_score"], 4)), **(extra or {})}
+    meta["msk_node"]["heads"][name] = entry
+    write_metadata(bundle, meta)
+
+
+def fit_anomaly(emb: Embedded, bundle: str | Path, groups: int = 4, passes: tuple[int, ...] | None = (0, 3),
+                max_images: int = 1500, seed: int = 0, command: str = "") -> dict:
+    """Per-position mean/std of the reconstruction error on normal training images -> bundle."""
+    from inference.anomaly import reconstruction_error
+    from inference.bundle import ANOMALY_FILE, read_metadata, save_tensors, write_metadata
+
+    normal = emb.index("train", lambda r: (r.source == "fracatlas" and r.fractured == 0 and r.hardware == 0)
+                       or (r.source == "knee" and r.kl == 0))
+    rng = np.random.default_rng(seed)
+    if len(normal) > max_images:
+        normal = np.sort(rng.choice(normal, max_images, replace=False))
+    errs = []
+    for s in range(0, len(normal), 64):
+        idx = normal[s:s + 64]
+        x = to_input(emb.canvases[idx], emb.means[idx], emb.stds[idx])
+        errs.append(reconstruction_error(emb.mae, x, groups, passes).numpy())
+    errs = np.concatenate(errs)
+    from inference.anomaly import coverage
+
+    cov = np.stack([coverage(emb.geos[i], emb.cfg.grid).ravel() for i in normal]) >= 0.5
+    mean = np.array([errs[cov[:, j], j].mean() if cov[:, j].any() else 0.0 for j in range(errs.shape[1])])
+    std = np.array([errs[cov[:, j], j].std() if cov[:, j].sum() > 1 else 1.0 for j in range(errs.shape[1])])
+    std = np.maximum(std, 0.05 * np.median(std))
+    meta = read_metadata(bundle)
+    save_tensors(bundle, ANOMALY_FILE, {"mean": torch.tensor(mean, dtype=torch.float32),
+                                        "std": torch.tensor(std, dtype=torch.float32)}, meta)
+    meta["msk_node"]["anomaly"] = {
+        "file": ANOMALY_FILE, "groups": groups, "passes": list(passes) if passes else None, "statistic": "per-position mean/std of patch MSE on normal images",
+        "normal_images": int(len(normal)), "z_max": 6.0, "region_threshold": 0.5, "smooth_patches": 0.6,
+        "min_coverage": 0.5,
+        "display": "map = clip(z / z_max, 0, 1); regions: connected components of map >= region_threshold",
+        "command": command,
+    }
+    write_metadata(bundle, meta)
+    return meta["msk_node"]["anomaly"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-task adaptation of the pretrained encoder (optional second stage of `model pretrain`)
+
+ADAPT_HEADS = ("fracture", "kl_grade", "anatomy", "view")
+
+
+def adapt(init: str, data_dir: str, out: str, *, epochs: int = 3, batch_size: int = 48, lr: float = 2e-4,
+          head_lr: float = 1e-3, mae_weight: float = 1.0, seed: int = 0, cache: str | None = None,
+          threads: int | None = None, device: str = "cpu", max_minutes: float | None = None,
+          command: str = "", stop_after_epochs: int | None = None) -> Path:
+    """Fine-tune the MAE encoder on the training labels (fracture with boxes, KL grade, anatomy, view)
+    while keeping the MAE reconstruction loss, so that the decoder (anomaly maps) stays valid.
+
+    The auxiliary heads used here are discarded; ``fit-heads`` trains the shipped heads on the
+    adapted encoder's frozen embeddings. The ``hardware`` label is never used, so the label-
+    efficiency experiment on it measures transfer to an unseen task.
+    """
+    from inference.bundle import load_mae, write_pretrained_bundle
+    from inference.heads import build_head, n_outputs
+
+    if threads:
+        torch.set_num_threads(threads)
+    seed_everything(seed)
+    mae, cfg, card = load_mae(init, device)
+    records = [r for r in D.read_layout(data_dir) if r.split == "train"]
+    cache = cache or str(Path("/tmp") / f"msk-cache-{cfg.image_size}.npz")
+    canvases, geos = D.build_cache(records, cfg.image_size, cache)
+    means, stds = canvas_stats(canvases, geos)
+    black = torch.from_numpy(-means / stds)
+    heads = torch.nn.ModuleDict()
+    targets = {}
+    for name in ADAPT_HEADS:
+        kind, labels, arch = HEAD_DEFAULTS[name]
+        heads[name] = build_head(arch, cfg.dim, n_outputs(kind, labels))
+        usable, target = head_targets(name, records)
+        ok = np.array([usable(r) for r in records])
+        y = np.array([target(r) if usable(r) else (0, 0, 0) if name == "view" else 0 for r in records])
+        targets[name] = (kind, ok, y)
+    pt, pok = patch_targets(records, geos, cfg.grid)
+    mae.train()
+    heads.to(device).train()
+    opt = torch.optim.AdamW([{"params": mae.parameters(), "lr": lr}, {"params": heads.parameters(), "lr": head_lr}],
+                            betas=(0.9, 0.95), weight_decay=0.05)
+    base = [lr, head_lr]
+    n = len(records)
+    steps_per_epoch = n // batch_size
+    total = max(1, steps_per_epoch * epochs)
+    warm = max(1, int(0.05 * total))
+    gen = torch.Generator().manual_seed(seed)
+    frac_pos = float(np.mean([r.fractured for r in records if r.fractured >= 0]))
+    history, t0, step = [], time.time(), 0
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=gen).numpy()
+        losses = []
+        for s in range(steps_per_epoch):
+            idx = np.sort(perm[s * batch_size:(s + 1) * batch_size])
+            x = to_input(canvases[idx], means[idx], stds[idx])
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            # mild intensity augmentation (gamma-like), same for MAE and supervised passes
+            x = x * (1 + 0.1 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5))
+            x = x.to(device)
+            tokens = mae.encoder(x)
+            loss = torch.zeros((), device=device)
+            for name, head in heads.items():
+                kind, ok, y = targets[name]
+                sel = torch.from_numpy(ok[idx])
+                if not sel.any():
+                    continue
+                ho = head(tokens[sel])
+                yy = torch.from_numpy(y[idx])[sel]
+                loss = loss + _loss(kind, ho, yy, (1 - frac_pos) / frac_pos if name == "fracture" else None)
+                if name == "fracture":
+                    pts = torch.from_numpy(pt[idx]).view(len(idx), cfg.grid, cfg.grid)
+                    pts = torch.where(flip[:, None, None], pts.flip(-1), pts).view(len(idx), -1)[sel]
+                    pk = torch.from_numpy(pok[idx])[sel]
+                    if pk.any():
+                        w = torch.where(pts[pk] > 0, 8.0, 1.0)
+                        loss = loss + (F.binary_cross_entropy_with_logits(ho["patch_logits"][pk], pts[pk],
+                                                                          reduction="none") * w).mean()
+            if mae_weight:
+                keep = lattice_keep(cfg, len(idx), gen) if s % 4 == 3 else mae.random_keep(len(idx), gen)
+                loss = loss + mae_weight * mae.loss(x, keep.to(device))
+            f = min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+            for g, b in zip(opt.param_groups, base):
+                g["lr"] = b * f
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(mae.parameters()) + list(heads.parameters()), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            if s % 20 == 0:
+                log.info("adapt epoch %d step %d/%d loss %.4f (%.0f s)", epoch, s, steps_per_epoch,
+                         np.mean(losses[-20:]), time.time() - t0)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.time() - t0, 1)})
+        pre = dict(card.meta["msk_node"]["training"].get("pretrain", {}))
+        write_pretrained_bundle(out, mae, cfg, training={
+            **pre, "adapt": {"command": command, "init": str(init), "seed": seed, "epochs_done": epoch + 1,
+                             "epochs": epochs, "batch_size": batch_size, "lr": lr, "head_lr": head_lr,
+                             "mae_weight": mae_weight, "labels": list(ADAPT_HEADS), "history": history}})
+        if max_minutes is not None and (time.time() - t0) / 60 > max_minutes:
+            log.warning("stopping after epoch %d: --max-minutes %.1f reached", epoch, max_minutes)
+            break
+        if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
+            log.info("stopping after epoch %d (--stop-after-epochs; schedule of %d epochs)", epoch, epochs)
+            break
+    return Path(out)

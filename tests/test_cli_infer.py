@@ -1,0 +1,93 @@
+"""``dicom-node infer`` end to end on real DICOM files, through the installed command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "dicom_node.cli"]
+
+
+def run(*args, check_rc=None):
+    p = subprocess.run([*CLI, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check_rc is not None:
+        assert p.returncode == check_rc, p.stdout + p.stderr
+    return p
+
+
+def test_infer_writes_json_and_heatmaps(tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    shutil.copy(get_testdata_file("RG3_J2KR.dcm"), src / "leg.dcm")
+    shutil.copy(get_testdata_file("RG1_J2KI.dcm"), src / "sub" / "chest.dcm")
+    out = tmp_path / "out"
+    p = run("infer", src, "--out", out, "--json", check_rc=0)
+    docs = json.loads(p.stdout)
+    assert len(docs) == 2 and all(d["processed"] for d in docs)
+    for d in docs:
+        ds = pydicom.dcmread(d["source"], stop_before_pixels=True)
+        assert (d["rows"], d["columns"]) == (ds.Rows, ds.Columns)
+        f = d["findings"]["fracture"]
+        assert 0 <= f["probability"] <= 1 and f["decision"] in ("absent", "suspected", "definite")
+        assert set(f["thresholds"]) == {"suspected", "definite"}
+        assert {"anatomy", "view"} <= set(d["findings"])
+        for r in d["regions"] + d["fracture_regions"]:
+            x0, y0, x1, y1 = r["box"]
+            assert 0 <= x0 < x1 <= ds.Columns and 0 <= y0 < y1 <= ds.Rows
+        on_disk = json.loads((out / d["json"]).read_text())
+        assert on_disk["findings"] == d["findings"]
+        png = Image.open(out / d["heatmap_png"])
+        assert png.mode == "RGB" and max(png.size) <= 1024
+        # the heatmap keeps the source's aspect ratio
+        assert abs(png.size[0] / png.size[1] - ds.Columns / ds.Rows) < 0.01
+        assert (out / d["fracture_heatmap_png"]).is_file()
+        # output files are named from hashes, not from the input's names
+        assert "leg" not in d["json"] and "chest" not in d["json"]
+    assert len(json.loads((out / "index.json").read_text())) == 2
+
+
+def test_infer_reports_unreadable_input_and_exits_3(tmp_path):
+    bad = tmp_path / "notdicom.dcm"
+    bad.write_bytes(b"this is not DICOM")
+    out = tmp_path / "out"
+    p = run("infer", get_testdata_file("RG3_J2KI.dcm"), bad, "--out", out, check_rc=3)
+    assert "not processed" in p.stdout and "1/2 images processed" in p.stdout
+    docs = json.loads((out / "index.json").read_text())
+    assert [d["processed"] for d in docs] == [True, False]
+    assert "DICOM" in docs[1]["reason"]
+
+
+def test_infer_heatmap_shows_the_image(tmp_path):
+    out = tmp_path / "out"
+    run("infer", get_testdata_file("RG3_J2KI.dcm"), "--out", out, "--json", check_rc=0)
+    png = np.asarray(Image.open(next(out.glob("*[0-9a-f].png"))).convert("L"), dtype=float)
+    # the overlay is the radiograph underneath: bright tibia in the middle, dark air beside it
+    h, w = png.shape
+    assert png[h // 4:h // 2, int(w * 0.45):int(w * 0.55)].mean() > png[h // 4:h // 2, int(w * 0.3):int(w * 0.34)].mean()
+
+
+def test_missing_input_is_an_error(tmp_path):
+    p = run("infer", tmp_path / "nope.dcm", "--out", tmp_path / "o")
+    assert p.returncode != 0 and "no such file" in (p.stdout + p.stderr)
+
+
+def test_node_commands_do_not_import_torch():
+    code = ("import sys; from dicom_node.cli import build_parser; build_parser(); import inference; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_model_commands_are_registered():
+    for cmd in (["model", "pretrain", "--help"], ["model", "fit-heads", "--help"], ["model", "evaluate", "--help"],
+                ["infer", "--help"]):
+        p = run(*cmd, check_rc=0)
+        assert "usage" in p.stdout
