@@ -79,8 +79,12 @@ class Pipeline:
         self.index.close()
 
     # -- the loop ------------------------------------------------------------
-    def run(self, stop: threading.Event | multiprocessing.synchronize.Event, poll: float = 0.5) -> None:
+    def run(self, stop: threading.Event | multiprocessing.synchronize.Event, poll: float = 0.5,
+            parent_pid: int | None = None) -> None:
         while not stop.is_set():
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.error("the node (pid %d) is gone: this inference worker stops", parent_pid)
+                return
             try:
                 did = self.process_one()
             except Exception:
@@ -199,7 +203,7 @@ class Pipeline:
                 f"{len(written)} object(s) queued for {sorted({d for w in written for d in w.destinations})}")
 
 
-def worker_main(cfg: Config, n: int, stop, ready=None) -> None:
+def worker_main(cfg: Config, n: int, stop, parent_pid: int | None = None) -> None:
     """Entry point of an inference worker process."""
     from dicom_node.logs import setup_logging
 
@@ -207,10 +211,8 @@ def worker_main(cfg: Config, n: int, stop, ready=None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops its workers through ``stop``
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     pipeline = Pipeline(cfg, worker=worker_id(n))
-    if ready is not None:
-        ready.set()
     try:
-        pipeline.run(stop)
+        pipeline.run(stop, parent_pid=parent_pid)
     finally:
         pipeline.close()
 
@@ -226,7 +228,8 @@ class WorkerPool:
         self.procs: dict[int, multiprocessing.Process] = {}
 
     def _spawn(self, n: int) -> None:
-        p = self.ctx.Process(target=worker_main, args=(self.cfg, n, self.stop_event), name=f"inference-{n}",
+        p = self.ctx.Process(target=worker_main, args=(self.cfg, n, self.stop_event, os.getpid()),
+                             name=f"inference-{n}",
                              daemon=True)
         p.start()
         self.procs[n] = p

@@ -164,7 +164,8 @@ class ImageResult:
 
     @classmethod
     def not_processed(cls, image_id: str, reason: str, rows: int = 0, columns: int = 0) -> "ImageResult":
-        return cls(image_id=image_id, rows=rows, columns=columns, processed=False, reason=reason)
+        # one line: decoders' messages span several, and reports and captures show it in one
+        return cls(image_id=image_id, rows=rows, columns=columns, processed=False, reason=" ".join(reason.split()))
 
     def findings(self) -> list[BinaryFinding | CategoricalFinding]:
         return [f for f in (self.fracture, self.tumour, self.kl_grade, self.anatomy, self.view) if f is not None]

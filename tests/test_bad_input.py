@@ -51,10 +51,12 @@ def _truncated(src: Path, dst: Path, keep: float) -> Path:
 
 
 def _corrupt_j2k(src: Path, dst: Path) -> Path:
-    """Overwrite the middle of the JPEG 2000 code stream; lengths and framing stay valid."""
+    """Zero the JPEG 2000 image header (SIZ) and scramble the middle of the code stream; the DICOM
+    framing (item and sequence lengths) stays valid, so only a decoder can tell."""
     data = bytearray(src.read_bytes())
     start = data.find(b"\xff\x4f\xff\x51")  # SOC + SIZ: start of the code stream
     assert start > 0
+    data[start + 4: start + 44] = b"\x00" * 40
     mid = start + (len(data) - start) // 2
     data[mid: mid + 4096] = os.urandom(4096).replace(b"\xff", b"\x00")
     dst.write_bytes(bytes(data))

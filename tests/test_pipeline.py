@@ -12,7 +12,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.dicomgen import copy_with_new_uids, fracatlas_images, pydicom_radiographs, write_dx_study
-from tests.peers import Orthanc, dciodvfy, free_port, storescu
+from tests.peers import Orthanc, dciodvfy, echoscu, free_port, storescu
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -108,3 +108,109 @@ def test_orthanc_study_in_results_back_then_late_image_supersedes(make_node, tmp
         pred = ds.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
         assert pred.ReferencedSOPInstanceUID == got["sr"][0]["SOPInstanceUID"]
         assert len(sr_evidence(pacs, new_sr)) >= len(sources) + 1
+
+
+def _jobs(node) -> list[dict]:
+    return json.loads(node.cli("jobs", "--json").stdout)
+
+
+@pytest.mark.slow
+def test_outage_results_arrive_once_orthanc_is_back(make_node, tmp_path, shared_data):
+    node_port = free_port()
+    pacs = Orthanc(tmp_path / "orthanc", aet="PACS", modalities={"msknode": ("MSKNODE", "127.0.0.1", node_port)})
+    pacs.start()
+    try:
+        node = pipeline_node(make_node, pacs.dicom_port, port=node_port)
+        files = study_files(tmp_path / "study", n_dx=1)
+        study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        ids = [pacs.upload(f)["ID"] for f in files]
+        pacs.store_to("msknode", ids)
+        pacs.stop()  # the PACS goes down before the results are ready
+        node.wait_for(lambda: (_jobs(node)[0]["deliveries"] or [{}])[0].get("attempts", 0) >= 2, timeout=240,
+                      interval=1, what="failed delivery attempts")
+        job = _jobs(node)[0]
+        assert job["state"] == "results_ready" and job["deliveries"][0]["last_error"]
+        pacs.start()  # back, same ports and storage
+        node.wait_for(lambda: _jobs(node)[0]["state"] == "sent", timeout=120, interval=1, what="sent after outage")
+        got = results_at(pacs, study_uid)
+        assert len(got["sr"]) == 1 and len(got["sc"]) == len(files) + 1
+        # once: each result arrived in a single NewInstance event, never replaced
+        changes = pacs.get("/changes?limit=1000")["Changes"]
+        new = [c for c in changes if c["ChangeType"] == "NewInstance"]
+        assert len(new) == len(files) + len(got["sr"]) + len(got["sc"])
+    finally:
+        pacs.stop()
+
+
+@pytest.mark.slow
+def test_sigkill_during_inference_and_during_sending_each_result_exactly_once(make_node, tmp_path, shared_data):
+    from tests.counting_scp import CountingSCPProcess
+
+    # the destination answers each C-STORE after 1.5 s, so the node can be killed while it sends
+    with CountingSCPProcess(tmp_path / "received.json", aet="COUNTER", delay=1.5) as counter:
+        node = pipeline_node(make_node, counter.port,
+                             peers=[{"ae_title": "COUNTER", "host": "127.0.0.1", "port": counter.port}])
+        files = study_files(tmp_path / "study", n_dx=2)
+        assert storescu("127.0.0.1", node.port, files, calling="COUNTER").returncode == 0
+
+        node.wait_for(lambda: _jobs(node)[0]["state"] == "inferring", timeout=120, interval=0.1,
+                      what="inferring")
+        node.kill()  # 1: during inference
+        node.start()
+        assert "back to stable" in node.log()
+        node.wait_for(lambda: counter.state()["stores"] >= 1 and _jobs(node)[0]["state"] == "results_ready",
+                      timeout=240, interval=0.1, what="sending in progress")
+        node.kill()  # 2: during sending
+        node.start()
+        node.wait_for(lambda: _jobs(node)[0]["state"] == "sent", timeout=240, interval=1, what="sent")
+
+        counts = counter.counts()
+        received = counter.received()
+        n_expected = len(files) + 2  # a heatmap per image, the summary, the SR
+        assert len(counts) == n_expected, counts
+        assert all(c == 1 for c in counts.values()), counts
+        classes = sorted(r["SOPClassUID"] for r in received.values())
+        assert classes.count(SR_CLASS) == 1 and classes.count(SC_CLASS) == len(files) + 1
+        assert _jobs(node)[0]["result_version"] == 1
+
+
+@pytest.mark.slow
+def test_mixed_study_good_undecodable_and_sr_object(make_node, tmp_path, shared_data):
+    from tests.counting_scp import CountingSCPProcess
+    from tests.test_bad_input import _corrupt_j2k
+
+    with CountingSCPProcess(tmp_path / "received.json", aet="COUNTER") as counter:
+        node = pipeline_node(make_node, counter.port,
+                             peers=[{"ae_title": "COUNTER", "host": "127.0.0.1", "port": counter.port}])
+        files = study_files(tmp_path / "study", n_dx=1)  # [CR J2K, DX]
+        corrupt = _corrupt_j2k(files[0], tmp_path / "corrupt.dcm")
+        # an SR object in the same study: not a radiograph, refused at negotiation
+        sr = pydicom.dcmread(pydicom.data.get_testdata_file("test-SR.dcm"))
+        sr.StudyInstanceUID = pydicom.dcmread(files[1], stop_before_pixels=True).StudyInstanceUID
+        sr.SOPInstanceUID = sr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+        storescu("127.0.0.1", node.port, [files[1], corrupt, tmp_path / "sr.dcm"], calling="COUNTER")
+        node.wait_for(lambda: _jobs(node) and _jobs(node)[0]["state"] == "sent", timeout=240, interval=1,
+                      what="sent")
+        assert node.status()["instances"] == 2  # the DX and the corrupt CR; the SR object was refused
+
+        received = counter.received()
+        heatmaps = [r for r in received.values() if r["SOPClassUID"] == SC_CLASS]
+        assert len(heatmaps) == 2  # one heatmap (the good image) and the summary: nothing for the broken one
+        srs = [u for u, r in received.items() if r["SOPClassUID"] == SR_CLASS]
+        assert len(srs) == 1
+        # the SR says which image was not processed, and why
+        stored = json.loads(node.cli("instances", sr.StudyInstanceUID, "--json").stdout)
+        corrupt_uid = pydicom.dcmread(corrupt, stop_before_pixels=True).SOPInstanceUID
+        assert corrupt_uid in {r["SOPInstanceUID"] for r in stored}
+        from storage.index import Index
+        from storage.jobs import Jobs
+
+        index = Index(node.cfg["storage"]["database_url"])
+        (sr_row,) = [r for r in Jobs(index).result_objects(sr.StudyInstanceUID) if r["kind"] == "sr"]
+        index.close()
+        ds = pydicom.dcmread(node.storage / sr_row["file_path"])
+        text = str(ds)
+        assert "PARTIAL" in text and corrupt_uid in text
+        assert "not processed" in text.lower() or "NOTPROCREASON" in text
+        assert echoscu("127.0.0.1", node.port, calling="COUNTER").returncode == 0  # and it keeps serving

@@ -339,6 +339,7 @@ def render_summary(results: Sequence[ImageResult], labels: Sequence[str], model:
         for k, (x, (text, colour)) in enumerate(zip(xs, row)):
             spans_row = len(row) == 2 and k == 1  # a reason line spans the rest of the row
             limit = ((xs[k + 1] if k + 1 < len(xs) and not spans_row else width - fs) - x - fs // 2)
+            text = " ".join(text.split())  # one line per cell, whatever the text held
             while text and draw.textlength(text, font=fnt) > limit:
                 text = text[:-2] + "…" if len(text) > 2 else ""
             draw.text((x, y), text, font=fnt, fill=colour)
