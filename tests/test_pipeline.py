@@ -214,3 +214,50 @@ def test_mixed_study_good_undecodable_and_sr_object(make_node, tmp_path, shared_
         assert "PARTIAL" in text and corrupt_uid in text
         assert "not processed" in text.lower() or "NOTPROCREASON" in text
         assert echoscu("127.0.0.1", node.port, calling="COUNTER").returncode == 0  # and it keeps serving
+
+
+@pytest.mark.slow
+def test_dead_letter_retry_and_retention_keeps_undelivered(make_node, tmp_path, shared_data):
+    """A destination that stays down: deliveries go dead and the study fails; `dicom-node retry` re-queues
+    them once it is back. Retention removes old delivered studies, files and rows, never undelivered ones."""
+    from tests.counting_scp import CountingSCPProcess
+
+    up = CountingSCPProcess(tmp_path / "up.json", aet="UP").start()
+    down_port = free_port()
+    try:
+        node = pipeline_node(
+            make_node, up.port,
+            peers=[{"ae_title": "UP", "host": "127.0.0.1", "port": up.port},
+                   {"ae_title": "DOWN", "host": "127.0.0.1", "port": down_port}],
+            sending={"max_attempts": 2, "base_delay_seconds": 0.2, "timeout_seconds": 2},
+            retention={"max_age_days": 20 / 86400, "interval_minutes": 0.05})  # 20 s, checked every 3 s
+        delivered = study_files(tmp_path / "a", n_dx=1, offset=0)
+        undelivered = study_files(tmp_path / "b", n_dx=1, offset=3)
+        assert storescu("127.0.0.1", node.port, delivered, calling="UP").returncode == 0
+        assert storescu("127.0.0.1", node.port, undelivered, calling="DOWN").returncode == 0
+        uid_a = pydicom.dcmread(delivered[0], stop_before_pixels=True).StudyInstanceUID
+        uid_b = pydicom.dcmread(undelivered[0], stop_before_pixels=True).StudyInstanceUID
+
+        def state(uid):
+            return {j["StudyInstanceUID"]: j for j in _jobs(node)}.get(uid, {}).get("state")
+
+        node.wait_for(lambda: state(uid_a) == "sent" and state(uid_b) == "failed", timeout=240, interval=1,
+                      what="a sent, b failed")
+        job_b = {j["StudyInstanceUID"]: j for j in _jobs(node)}[uid_b]
+        assert "DOWN" in job_b["state_reason"] and job_b["deliveries"][0]["states"]["dead"] == 4
+
+        # retention: a is removed (rows and files) once older than 20 s; b, undelivered, stays
+        files_a = [node.storage / r["file_path"] for r in
+                   json.loads(node.cli("instances", uid_a, "--json").stdout)]
+        node.wait_for(lambda: state(uid_a) is None, timeout=90, interval=1, what="retention of a")
+        assert not any(f.exists() for f in files_a)
+        assert state(uid_b) == "failed" and "retention: removed 1 study" in node.log()
+
+        # the destination comes back; retry re-queues the dead letters and they are delivered once
+        with CountingSCPProcess(tmp_path / "down.json", aet="DOWN", port=down_port) as down:
+            out = node.cli("retry").stdout
+            assert "re-queued 4 dead deliveries" in out
+            node.wait_for(lambda: state(uid_b) == "sent", timeout=60, interval=1, what="b sent after retry")
+            assert sorted(down.counts().values()) == [1, 1, 1, 1]
+    finally:
+        up.stop()
