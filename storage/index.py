@@ -16,7 +16,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, event, func, select, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from dicom_node.errors import StorageError
 from storage.models import Base, Instance, Patient, Series, Study, StudyState, utcnow

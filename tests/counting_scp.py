@@ -196,13 +196,9 @@ class CountingSCPProcess:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from tests.peers import stop_process
+
+        stop_process(self.proc)
         self.proc = None
 
     def __enter__(self) -> "CountingSCPProcess":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.peers import free_port, wait_for_port
+from tests.peers import free_port, stop_process, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,14 +60,7 @@ class NodeProcess:
         return self
 
     def stop(self) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        rc = self.proc.returncode if self.proc else None
+        rc = stop_process(self.proc)
         self.proc = None
         return rc
 

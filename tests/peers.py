@@ -6,9 +6,7 @@ temporary directory, and stops them again. Nothing is simulated.
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -36,6 +34,20 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0, pro
         except OSError:
             time.sleep(0.1)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 20.0) -> int | None:
+    """SIGTERM, then SIGKILL after ``timeout``; returns the exit status (None if there was no process)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def require(program: str) -> str:
@@ -113,13 +125,7 @@ class Orthanc:
                 time.sleep(0.2)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
     def __enter__(self) -> "Orthanc":
@@ -245,9 +251,7 @@ class Storescp:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=20)
+        stop_process(self.proc)
         self.proc = None
 
     def files(self) -> list[Path]:

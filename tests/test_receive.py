@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pydicom
-import pytest
 
 from tests.dicomgen import copy_with_new_uids, dataset_part, fracatlas_images, pydicom_radiographs, write_dx_study
 from tests.peers import Storescp, echoscu, storescu
