@@ -25,7 +25,10 @@ def _load_config(args):
 
 
 def cmd_check_config(args) -> int:
+    from dicom_node.node import check_bundle
+
     cfg = _load_config(args)
+    check_bundle(cfg)
     print(f"{args.config}: OK (node {cfg.node.ae_title} on {cfg.node.bind}:{cfg.node.port}, "
           f"{len(cfg.peers)} peer(s), storage {cfg.storage.path})")
     return 0

@@ -11,6 +11,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node import __version__
 from dicom_node.config import Config
+from dicom_node.errors import BundleError, ConfigError
 from dicom_node.listener import Listener
 from dicom_node.sender import Sender
 from dicom_node.tracker import StudyTracker
@@ -21,6 +22,24 @@ from storage.jobs import Jobs
 from storage.models import utcnow
 
 log = logging.getLogger("dicom_node")
+
+
+def check_bundle(cfg: Config) -> None:
+    """The model bundle the pipeline will load exists, has a well-formed card and matching weights.
+
+    Torch-free and quick: run at start-up (and by ``check-config``) so that a broken bundle stops
+    the node with a message naming ``pipeline.bundle`` instead of failing in the worker later.
+    """
+    if not cfg.pipeline.enabled:
+        return
+    from inference import DEFAULT_BUNDLE
+    from inference.card import read_card, verify_weights
+
+    path = cfg.pipeline.bundle or DEFAULT_BUNDLE
+    try:
+        verify_weights(read_card(path))
+    except BundleError as exc:
+        raise ConfigError(str(exc), key="pipeline.bundle", path=str(cfg.source) if cfg.source else None) from None
 
 
 class Node:
@@ -40,6 +59,7 @@ class Node:
     def start(self) -> None:
         from dicom_node.pipeline import WorkerPool, claim_prefix
 
+        check_bundle(self.cfg)
         released = self.jobs.release_claims(claim_prefix())
         if released:
             log.info("%d stud%s left inferring by an earlier run: back to stable", released,

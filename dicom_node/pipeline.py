@@ -226,6 +226,9 @@ class WorkerPool:
         self.ctx = multiprocessing.get_context("spawn")
         self.stop_event = self.ctx.Event()
         self.procs: dict[int, multiprocessing.Process] = {}
+        self._failures: dict[int, int] = {}  # consecutive early exits per worker
+        self._not_before: dict[int, float] = {}
+        self._started: dict[int, float] = {}
 
     def _spawn(self, n: int) -> None:
         p = self.ctx.Process(target=worker_main, args=(self.cfg, n, self.stop_event, os.getpid()),
@@ -233,6 +236,7 @@ class WorkerPool:
                              daemon=True)
         p.start()
         self.procs[n] = p
+        self._started[n] = time.monotonic()
         log.info("inference worker %d started (pid %d)", n, p.pid)
 
     def start(self) -> None:
@@ -243,12 +247,22 @@ class WorkerPool:
         """Restart dead workers (called periodically by the node)."""
         if self.stop_event.is_set():
             return
+        now = time.monotonic()
         for n, p in list(self.procs.items()):
-            if not p.is_alive():
+            if p.is_alive() or now < self._not_before.get(n, 0.0):
+                continue
+            if n not in self._not_before:  # just found dead: give its claims back, decide when to restart
                 released = self.jobs.release_claims(f"{socket.gethostname()}:{p.pid}:")
-                log.error("inference worker %d (pid %d) exited with %s; %d claim(s) given back; restarting",
-                          n, p.pid, p.exitcode, released)
-                self._spawn(n)
+                early = now - self._started.get(n, now) < 60
+                self._failures[n] = self._failures.get(n, 0) + 1 if early else 0
+                delay = min(300.0, 5.0 * 2 ** self._failures[n]) if early else 0.0
+                log.error("inference worker %d (pid %d) exited with %s; %d claim(s) given back; restart in %.0f s",
+                          n, p.pid, p.exitcode, released, delay)
+                self._not_before[n] = now + delay
+                if delay:
+                    continue
+            self._not_before.pop(n, None)
+            self._spawn(n)
 
     def stop(self, timeout: float = 20.0) -> None:
         self.stop_event.set()
