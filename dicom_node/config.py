@@ -164,6 +164,8 @@ class PipelineSection(_Section):
     workers: Annotated[int, Field(ge=1, le=8)] = 1
     rerun_on_late_images: bool = True
     lease_seconds: Annotated[float, Field(gt=0)] = 600.0  # a claim not renewed for this long is taken back
+    threads: Annotated[int, Field(ge=1, le=256)] | None = None  # CPU threads per worker; None: cores - 1
+    nice: Annotated[int, Field(ge=0, le=19)] = 10  # workers yield the CPU to the listener
     max_attempts: Annotated[int, Field(ge=1)] = 3
 
 

@@ -208,6 +208,13 @@ def worker_main(cfg: Config, n: int, stop, parent_pid: int | None = None) -> Non
     from dicom_node.logs import setup_logging
 
     setup_logging(cfg.logging.level)
+    # receiving must not slow down while the model works: the worker runs at a lower priority and,
+    # on the CPU, leaves a core to the listener
+    if cfg.pipeline.nice:
+        os.nice(cfg.pipeline.nice)
+    import torch
+
+    torch.set_num_threads(cfg.pipeline.threads or max(1, (os.cpu_count() or 2) - 1))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops its workers through ``stop``
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     pipeline = Pipeline(cfg, worker=worker_id(n))
