@@ -69,17 +69,27 @@ class Node:
         self.listener.start()
         if self.cfg.pipeline.enabled:
             self.pool = WorkerPool(self.cfg, self.jobs)
+            self.tracker.on_stable = self.pool.wake
             self.pool.start()
             self.scheduler.add_job(self.pool.check, "interval", seconds=5, id="workers", coalesce=True,
                                    max_instances=1)
         # the first pass runs at once: deliveries left in doubt by a crash are checked (C-FIND) before any resend
         self.sender = Sender(self.cfg, self.store, DeliveryQueue(self.index))
         self.sender.start(self.scheduler)
+        if self.pool is not None:  # results queued by a worker: send now rather than at the next poll
+            threading.Thread(target=self._relay_done, name="results-ready", daemon=True).start()
         if self.cfg.retention.max_age_days:
             self.scheduler.add_job(self.retention, "interval", minutes=self.cfg.retention.interval_minutes,
                                    id="retention", coalesce=True, max_instances=1,
                                    next_run_time=dt.datetime.now(dt.timezone.utc))
         log.info("msk-dicom-node %s started (config %s)", __version__, self.cfg.source or "<defaults>")
+
+    def _relay_done(self) -> None:
+        done = self.pool.done_event
+        while not self._stop.is_set() and not self.pool.stop_event.is_set():
+            if done.wait(1.0):
+                done.clear()
+                self.sender.wake()
 
     def retention(self) -> int:
         """Remove studies older than retention.max_age_days whose results were all delivered."""
@@ -95,6 +105,7 @@ class Node:
         return removed
 
     def stop(self) -> None:
+        self._stop.set()
         self.listener.stop()
         if self.sender is not None:
             self.sender.stop()

@@ -79,8 +79,13 @@ class Pipeline:
         self.index.close()
 
     # -- the loop ------------------------------------------------------------
-    def run(self, stop: threading.Event | multiprocessing.synchronize.Event, poll: float = 0.5,
-            parent_pid: int | None = None) -> None:
+    def run(self, stop, poll: float = 0.5, parent_pid: int | None = None, wake=None, done=None) -> None:
+        """Process stable studies until ``stop`` is set.
+
+        ``wake`` (an Event the node sets when a study turns stable) ends the wait between polls
+        early; ``done`` is set after each study whose results were recorded, so the node's sender
+        starts at once. Both are optional: polling alone is correct, only slower.
+        """
         while not stop.is_set():
             if parent_pid is not None and os.getppid() != parent_pid:
                 log.error("the node (pid %d) is gone: this inference worker stops", parent_pid)
@@ -90,8 +95,14 @@ class Pipeline:
             except Exception:
                 log.exception("pipeline error")
                 did = False
+            if did and done is not None:
+                done.set()
             if not did:
-                stop.wait(poll)
+                if wake is not None:
+                    if wake.wait(poll):
+                        wake.clear()
+                else:
+                    stop.wait(poll)
 
     def process_one(self) -> bool:
         claim = self.jobs.claim(self.worker, self.cfg.pipeline.lease_seconds)
@@ -203,7 +214,7 @@ class Pipeline:
                 f"{len(written)} object(s) queued for {sorted({d for w in written for d in w.destinations})}")
 
 
-def worker_main(cfg: Config, n: int, stop, parent_pid: int | None = None) -> None:
+def worker_main(cfg: Config, n: int, stop, parent_pid: int | None = None, wake=None, done=None) -> None:
     """Entry point of an inference worker process."""
     from dicom_node.logs import setup_logging
 
@@ -219,7 +230,7 @@ def worker_main(cfg: Config, n: int, stop, parent_pid: int | None = None) -> Non
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     pipeline = Pipeline(cfg, worker=worker_id(n))
     try:
-        pipeline.run(stop, parent_pid=parent_pid)
+        pipeline.run(stop, parent_pid=parent_pid, wake=wake, done=done)
     finally:
         pipeline.close()
 
@@ -232,13 +243,16 @@ class WorkerPool:
         self.jobs = jobs
         self.ctx = multiprocessing.get_context("spawn")
         self.stop_event = self.ctx.Event()
+        self.wake_event = self.ctx.Event()  # set by the node: a study turned stable
+        self.done_event = self.ctx.Event()  # set by a worker: results were queued for sending
         self.procs: dict[int, multiprocessing.Process] = {}
         self._failures: dict[int, int] = {}  # consecutive early exits per worker
         self._not_before: dict[int, float] = {}
         self._started: dict[int, float] = {}
 
     def _spawn(self, n: int) -> None:
-        p = self.ctx.Process(target=worker_main, args=(self.cfg, n, self.stop_event, os.getpid()),
+        p = self.ctx.Process(target=worker_main, args=(self.cfg, n, self.stop_event, os.getpid(), self.wake_event,
+                                                       self.done_event),
                              name=f"inference-{n}",
                              daemon=True)
         p.start()
@@ -271,8 +285,13 @@ class WorkerPool:
             self._not_before.pop(n, None)
             self._spawn(n)
 
+    def wake(self, *_args) -> None:
+        """A study turned stable: a waiting worker claims it now rather than at its next poll."""
+        self.wake_event.set()
+
     def stop(self, timeout: float = 20.0) -> None:
         self.stop_event.set()
+        self.wake_event.set()
         for p in self.procs.values():
             p.join(timeout)
             if p.is_alive():
