@@ -59,17 +59,30 @@ def coverage(geo: Geometry, grid: int) -> np.ndarray:
 
 
 def normalise(err: np.ndarray, mean: np.ndarray, std: np.ndarray, geo: Geometry, grid: int,
-              min_coverage: float = 0.5) -> np.ndarray:
-    """Per-patch errors (N,) -> z-scores on the (grid, grid) lattice, padding patches 0."""
+              min_coverage: float = 0.5, erode: int = 0) -> np.ndarray:
+    """Per-patch errors (N,) -> z-scores on the (grid, grid) lattice, padding patches 0.
+
+    ``erode`` > 0 also zeroes that many rings of patches along the image's edge (and the grid's):
+    there the MAE lacks context on one side, and anatomy leaving the field of view is not an anomaly.
+    """
     z = (err.reshape(grid, grid) - mean.reshape(grid, grid)) / np.maximum(std.reshape(grid, grid), 1e-6)
-    z[coverage(geo, grid) < min_coverage] = 0.0
+    valid = coverage(geo, grid) >= min_coverage
+    if erode:
+        valid = ndimage.binary_erosion(valid, iterations=int(erode), border_value=0)
+    z[~valid] = 0.0
     return z.astype(np.float32)
+
+
+def smooth_grid(values: np.ndarray, sigma_patches: float) -> np.ndarray:
+    """Gaussian smoothing of a (g, g) patch map (sigma in patches)."""
+    v = values.astype(np.float32)
+    return ndimage.gaussian_filter(v, sigma_patches, mode="nearest") if sigma_patches else v
 
 
 def grid_to_canvas(values: np.ndarray, size: int, sigma_patches: float = 0.6) -> np.ndarray:
     """(g, g) patch values -> (size, size), smoothed (Gaussian, in patches) and bilinearly upsampled."""
     g = values.shape[0]
-    v = ndimage.gaussian_filter(values.astype(np.float32), sigma_patches, mode="nearest") if sigma_patches else values
+    v = smooth_grid(values, sigma_patches)
     zoom = size / g
     return ndimage.zoom(v, zoom, order=1, mode="nearest", grid_mode=True).astype(np.float32)
 

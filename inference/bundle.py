@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from dicom_node.errors import BundleError
 from inference import data as D
-from inference.card import Card, read_card, sha256_file, verify_weights
+from inference.card import Card, read_card, sha256_file, verify_weights, weights_digest
 from inference.vit import MAE, ViTConfig
 
 MAE_FILE = "models/mae.safetensors"
@@ -39,8 +39,8 @@ PRIVATE = "99MSKAI"
 
 # Coded concepts the reports use. SNOMED CT where a code exists, else the project's private scheme.
 CONCEPTS = {
-    "fracture": {"value": "72704001", "scheme_designator": SCT, "meaning": "Fracture"},
-    "tumour": {"value": "108369006", "scheme_designator": SCT, "meaning": "Neoplasm"},
+    "fracture": {"value": "125605004", "scheme_designator": SCT, "meaning": "Fracture of bone"},
+    "tumour": {"value": "126537000", "scheme_designator": SCT, "meaning": "Neoplasm of bone"},
     "hardware": {"value": "40388003", "scheme_designator": SCT, "meaning": "Implant"},
     "kl_grade": {"value": "KLGRADE", "scheme_designator": PRIVATE, "meaning": "Kellgren-Lawrence grade"},
     "anatomy": {"value": "123014", "scheme_designator": "DCM", "meaning": "Target Region"},
@@ -49,16 +49,18 @@ CONCEPTS = {
 LABEL_CONCEPTS = {
     "anatomy": [
         {"value": "85562004", "scheme_designator": SCT, "meaning": "Hand"},
-        {"value": "30021000", "scheme_designator": SCT, "meaning": "Lower leg"},
-        {"value": "24136001", "scheme_designator": SCT, "meaning": "Hip joint"},
+        {"value": "61685007", "scheme_designator": SCT, "meaning": "Lower limb"},  # FracAtlas 'leg': foot to femur
+        {"value": "29836001", "scheme_designator": SCT, "meaning": "Hip"},
         {"value": "16982005", "scheme_designator": SCT, "meaning": "Shoulder region"},
         {"value": "72696002", "scheme_designator": SCT, "meaning": "Knee"},
         {"value": "OTHER", "scheme_designator": PRIVATE, "meaning": "Other or several regions"},
     ],
+    # SNOMED CT codes projections by direction (antero-posterior, right lateral, ...); the data's view labels
+    # are coarser (frontal = AP or PA, lateral = either side), so they get private codes rather than a wrong one
     "view": [
-        {"value": "399348003", "scheme_designator": SCT, "meaning": "frontal"},  # SCT 'frontal' view qualifier
-        {"value": "399198007", "scheme_designator": SCT, "meaning": "lateral"},  # SCT 'lateral' view qualifier
-        {"value": "30730003", "scheme_designator": SCT, "meaning": "oblique"},  # SCT 'oblique' projection
+        {"value": "FRONTAL", "scheme_designator": PRIVATE, "meaning": "Frontal projection (AP or PA)"},
+        {"value": "LATERAL", "scheme_designator": PRIVATE, "meaning": "Lateral projection"},
+        {"value": "OBLIQUE", "scheme_designator": PRIVATE, "meaning": "Oblique projection"},
     ],
     "kl_grade": [{"value": f"KL{g}", "scheme_designator": PRIVATE, "meaning": f"Kellgren-Lawrence grade {g}"}
                  for g in D.KL_GRADES],
@@ -156,6 +158,7 @@ def save_tensors(root: Path, rel: str, tensors: dict[str, torch.Tensor], meta: d
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     meta["msk_node"]["weights"][rel] = sha256_file(path)
 
@@ -244,7 +247,7 @@ class Model:
 
         meta = self.card.meta
         return ModelInfo(name=self.card.name, version=self.card.version,
-                         weights_sha256=self.card.weights[self.card.architecture["file"]],
+                         weights_sha256=weights_digest(self.card.weights),
                          manufacturer=self.card.manufacturer,
                          for_diagnostic_use=bool(meta["msk_node"].get("for_diagnostic_use", False)),
                          description=str(meta.get("description", "")))
@@ -343,7 +346,8 @@ class Model:
 
     @torch.no_grad()
     def _predict_batch(self, x, geos, ids, want, maps, body_parts):
-        from inference.anomaly import coverage, grid_to_canvas, normalise, reconstruction_error, regions_from_map
+        from inference.anomaly import (coverage, grid_to_canvas, normalise, reconstruction_error, regions_from_map,
+                                       smooth_grid)
         from inference.heads import probabilities
         from inference.results import BinaryFinding, CategoricalFinding, ImageResult
 
@@ -386,16 +390,19 @@ class Model:
                 if maps and "patch_logits" in o and name == "fracture":
                     pm = torch.sigmoid(o["patch_logits"][b]).numpy().reshape(g, g)
                     pm = pm * (coverage(geo, g) >= float(an.get("min_coverage", 0.5)))
-                    canvas = grid_to_canvas(pm, geo.size, float(spec.arch.get("smooth_patches", 0.6)))
-                    kw["fracture_map"] = np.clip(geo.map_to_source(canvas), 0, 1)
-                    kw["fracture_regions"] = regions_from_map(
-                        canvas, geo, float(spec.arch.get("region_threshold", 0.5)), "fracture")
+                    pm = smooth_grid(pm, float(spec.arch.get("smooth_patches", 0.6)))
+                    canvas = grid_to_canvas(pm, geo.size, 0.0)
+                    # bilinear from the patch grid: a convex combination, so it stays within 0..1
+                    kw["fracture_map"] = geo.map_to_source(pm)
+                    if finding.decision != "absent":  # boxes only where the head calls a fracture
+                        kw["fracture_regions"] = regions_from_map(
+                            canvas, geo, float(spec.arch.get("region_threshold", 0.5)), "fracture")
             if errs is not None and maps:
                 z = normalise(errs[b], self.anomaly_mean, self.anomaly_std, geo, g,
-                              float(an.get("min_coverage", 0.5)))
-                canvas = np.clip(grid_to_canvas(z, geo.size, float(an.get("smooth_patches", 0.6)))
-                                 / float(an.get("z_max", 6.0)), 0, 1)
-                kw["anomaly_map"] = np.clip(geo.map_to_source(canvas), 0, 1).astype(np.float32)
+                              float(an.get("min_coverage", 0.5)), int(an.get("erode_patches", 0)))
+                m = np.clip(smooth_grid(z, float(an.get("smooth_patches", 0.6))) / float(an.get("z_max", 6.0)), 0, 1)
+                canvas = grid_to_canvas(m, geo.size, 0.0)
+                kw["anomaly_map"] = geo.map_to_source(m)
                 kw["regions"] = regions_from_map(canvas, geo, float(an.get("region_threshold", 0.5)), "anomaly")
             results[i] = ImageResult(image_id=ids[i], rows=geo.rows, columns=geo.columns, **kw)
         return results

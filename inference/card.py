@@ -129,6 +129,15 @@ class Card:
         return json.loads(json.dumps(self.meta))
 
 
+def weights_digest(weights: dict[str, str]) -> str:
+    """One SHA-256 for all the weights of a bundle: over the sorted ``file sha256`` lines.
+
+    It identifies the model in results (UIDs, Device UID): re-training any head changes it.
+    """
+    lines = "".join(f"{f} {h}\n" for f, h in sorted(weights.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 def read_card(root: Path) -> Card:
     root = Path(root)
     path = root / METADATA

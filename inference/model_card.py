@@ -22,6 +22,34 @@ def _f(v, nd=3):
     return "n/a" if v is None else f"{v:.{nd}f}"
 
 
+def _param_counts(card) -> tuple[int, int]:
+    """(encoder, decoder) parameter counts from the safetensors header (no torch)."""
+    from safetensors import safe_open
+
+    enc = dec = 0
+    with safe_open(str(card.root / card.architecture["file"]), framework="np") as f:
+        for k in f.keys():
+            n = 1
+            for d in f.get_slice(k).get_shape():
+                n *= d
+            if k.startswith("encoder."):
+                enc += n
+            else:
+                dec += n
+    return enc, dec
+
+
+def _minutes(tr: dict) -> float:
+    """Wall minutes of pretraining + adaptation(s), from the recorded histories."""
+    pre = tr.get("pretrain", {})
+    stages = [pre] + _stages(pre)
+    return sum(st["history"][-1]["seconds"] / 60 for st in stages if st.get("history"))
+
+
+def _stages(pre: dict) -> list[dict]:
+    return list(pre.get("adapt_stages") or ([pre["adapt"]] if pre.get("adapt") else []))
+
+
 def render(root: str | Path) -> str:
     card = read_card(Path(root))
     meta = card.meta
@@ -29,7 +57,6 @@ def render(root: str | Path) -> str:
     cfg = node["architecture"]["config"]
     tr = node.get("training", {})
     pre = tr.get("pretrain", {})
-    ad = pre.get("adapt")
     vm = node.get("validation_metrics", {})
     val = vm.get("val", {})
     details = vm.get("details", {}).get("val", {})
@@ -44,13 +71,14 @@ def render(root: str | Path) -> str:
       "sends as produced by an unvalidated algorithm.\n")
 
     a("## Architecture and input\n")
-    a(f"- Encoder: ViT, single channel, {cfg['image_size']}x{cfg['image_size']} px input, patch "
+    enc_params, dec_params = _param_counts(card)
+    a(f"- Encoder: ViT ({enc_params / 1e6:.2f} M parameters), single channel, {cfg['image_size']}x{cfg['image_size']} px input, patch "
       f"{cfg['patch_size']} ({cfg['image_size'] // cfg['patch_size']}x{cfg['image_size'] // cfg['patch_size']} "
       f"patches), width {cfg['dim']}, depth {cfg['depth']}, {cfg['heads']} attention heads, class token, fixed "
       f"2-D sin-cos position embeddings. Our own implementation (inference/vit.py) rather than MONAI's "
       f"MaskedAutoEncoderViT, because the anomaly map needs control of the masks and the heads need the patch "
       f"tokens.")
-    a(f"- MAE decoder: width {cfg['decoder_dim']}, depth {cfg['decoder_depth']}, mask ratio "
+    a(f"- MAE decoder ({dec_params / 1e6:.2f} M parameters): width {cfg['decoder_dim']}, depth {cfg['decoder_depth']}, mask ratio "
       f"{cfg['mask_ratio']:.2f}; kept in the bundle for the anomaly maps.")
     a("- Preprocessing (inference/pixels.py, inference/preprocess.py), identical at training and inference: "
       "the displayed image (DICOM: modality LUT, VOI LUT or window, or a 0.5-99.5 percentile window when there "
@@ -91,11 +119,11 @@ def render(root: str | Path) -> str:
         if pre.get("epochs_done") and pre.get("epochs") and pre["epochs_done"] < pre["epochs"]:
             a(f"#   stopped after {pre['epochs_done']} of {pre['epochs']} scheduled epochs; deterministic "
               f"equivalent: add --stop-after-epochs {pre['epochs_done']}")
-    if ad:
-        a(ad["command"])
-        if ad.get("epochs_done") and ad["epochs_done"] < ad.get("epochs", 0):
-            a(f"#   stopped after {ad['epochs_done']} of {ad['epochs']} epochs; deterministic equivalent: "
-              f"add --stop-after-epochs {ad['epochs_done']}")
+    for st in _stages(pre):
+        a(st["command"])
+        if st.get("epochs_done") and st["epochs_done"] < st.get("epochs", 0):
+            a(f"#   stopped after {st['epochs_done']} of {st['epochs']} epochs; deterministic equivalent: "
+              f"add --stop-after-epochs {st['epochs_done']}")
     cmds = []
     for name, h in node["heads"].items():
         c = h.get("training", {}).get("command")
@@ -111,16 +139,27 @@ def render(root: str | Path) -> str:
     if sm.get("command"):
         a(sm["command"])
     a("```\n")
+    if _stages(pre):
+        a("(Paths are those of the training run: each stage's `--init` is a copy of the previous command's "
+          "output (`pretrained_e8`: the first command's output after its last epoch); the bundle directory "
+          "the heads were added to became this bundle.)\n")
     if pre.get("history"):
         a(f"MAE pretraining: {pre.get('epochs_done')} epochs over {pre.get('images')} training images, batch "
           f"{pre.get('batch_size')}, AdamW lr {pre.get('lr')}, seed {pre.get('seed')}, final reconstruction loss "
           f"{pre['history'][-1]['loss']:.3f} ({pre['history'][-1]['seconds'] / 60:.0f} min).")
-    if ad:
-        a(f"Then a multi-task adaptation of the encoder ({ad.get('epochs_done')} epochs, labels: "
-          f"{', '.join(ad.get('labels', []))}; the MAE loss stays in the objective so the decoder and the anomaly "
-          f"maps remain valid; its temporary heads are discarded; {ad['history'][-1]['seconds'] / 60:.0f} min). "
-          f"The `hardware` label is never used in training the encoder.")
+    stages = _stages(pre)
+    if stages:
+        a(f"Then multi-task adaptation of the encoder in {len(stages)} stage(s) ("
+          + "; ".join(f"{st.get('epochs_done')} epochs at lr {st.get('lr')}, seed {st.get('seed')}, "
+                      f"{st['history'][-1]['seconds'] / 60:.0f} min" for st in stages)
+          + f"; labels: {', '.join(stages[-1].get('labels', []))}; the MAE loss stays in the objective so the "
+            f"decoder and the anomaly maps remain valid; the temporary heads of a stage are discarded). The "
+            f"`hardware` label is never used in training the encoder.")
     a("Heads are trained on the frozen encoder's tokens.\n")
+    for note in node.get("notes", []):
+        a(f"- {note}")
+    if node.get("notes"):
+        a("")
 
     a("## Heads\n")
     a("| head | kind | labels | coded concept | operating points (suspected / definite) | weights |")
@@ -133,8 +172,10 @@ def render(root: str | Path) -> str:
         w = h.weights or "**none** (slot only)"
         a(f"| {name} | {h.kind} | {', '.join(h.labels)} | {cc} | {op} | {w} |")
     a("")
-    a("Label concepts: anatomy and view labels carry SNOMED CT codes (see configs/metadata.json); \"other\" and "
-      "the KL grades use the private scheme 99MSKAI (no standard code for a KL grade value). Binary operating "
+    a("Label concepts: the anatomy labels carry SNOMED CT codes (see configs/metadata.json); \"other\", the KL "
+      "grades and the views use the private scheme 99MSKAI (no standard code for a KL grade value; SNOMED CT "
+      "codes projections by direction, e.g. antero-posterior, which the data's frontal/lateral/oblique labels "
+      "do not resolve). Binary operating "
       "points are chosen on val: *suspected* = the highest threshold keeping sensitivity >= 0.90, *definite* = "
       "the lowest threshold reaching specificity >= 0.95.\n")
     tum = card.heads.get("tumour")
@@ -181,8 +222,9 @@ def render(root: str | Path) -> str:
         a("")
         misses = [label for key, (t, label) in TARGETS.items() if val.get(key) is None or val[key] < t]
         if misses:
-            a("**Below target**: " + "; ".join(misses) + ". These are honest numbers of a ~5M-parameter ViT at "
-              f"{cfg['image_size']} px trained from scratch in well under an hour of a 2-core CPU; published "
+            a("**Below target**: " + "; ".join(misses) + f". These are honest numbers of a "
+              f"{enc_params / 1e6:.1f} M-parameter ViT at {cfg['image_size']} px trained from scratch in about "
+              f"{_minutes(tr):.0f} minutes (encoder; heads a few more) of a shared 2-core CPU; published "
               "models on the same data reach about 0.90 fracture AUROC and 0.70 KL accuracy with larger models, "
               "higher resolution and GPU-scale training. Fractures in FracAtlas are small: at "
               f"{cfg['image_size']} px a typical fracture box spans only a few patches.\n")
@@ -203,7 +245,8 @@ def render(root: str | Path) -> str:
           f"{anom.get('groups')} regular lattices and lattices {anom.get('passes')} are shown to the encoder in "
           f"turn, so that every patch is reconstructed from the others. Per-patch errors are normalised per grid "
           f"position against {anom.get('normal_images')} normal training images (FracAtlas without fracture or "
-          f"implant, KL-0 knees): z = (error - mean) / std; patches on the letterbox padding are 0. Display map "
+          f"implant, KL-0 knees): z = (error - mean) / std; patches on the letterbox padding, and "
+          f"{anom.get('erode_patches', 0)} ring(s) of patches along the image edge, are 0. Display map "
           f"= clip(z / {anom.get('z_max')}, 0, 1), Gaussian-smoothed ({anom.get('smooth_patches')} patch), "
           f"bilinearly brought back to the source geometry; regions = connected components of map >= "
           f"{anom.get('region_threshold')}, with boxes in source pixels. The map highlights what the MAE finds "
@@ -214,6 +257,9 @@ def render(root: str | Path) -> str:
       "radiographs labelled as `leg`. The anatomy label `knee` therefore means \"knee-joint crop\", and the KL "
       "head is trained on crops only: on a full knee radiograph it sees a different field of view and no CLAHE, "
       "so its grade there is outside its validated use. Crop the joint (and apply CLAHE) upstream for KL grading.")
+    a("- Anatomy covers hand, leg (lower limb), hip, shoulder, knee (joint crop) and other; there is no class "
+      "for the chest, spine, skull or abdomen, so such images get one of these labels (often `knee`, see the "
+      "note on the anatomy head above), and non-MSK images are outside the model's use.")
     a("- Trained on 8-bit JPEGs downscaled to <= 512 px; DICOM inputs go through the same display transform, but "
       "detector-specific processing differs between sites.")
     a("- No patient identifiers in FracAtlas (see Splits); knee val is patient-disjoint.")

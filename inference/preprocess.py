@@ -62,9 +62,24 @@ class Geometry:
         f = grid.shape[0] / self.size
         y0, x0 = self.off_y * f, self.off_x * f
         y1, x1 = (self.off_y + self.height) * f, (self.off_x + self.width) * f
-        img = Image.fromarray(grid, mode="F")
-        out = img.resize((self.columns, self.rows), Image.BILINEAR, box=(x0, y0, x1, y1))
-        return np.asarray(out, dtype=np.float32)
+        # separable bilinear interpolation at the source pixel centres (edge-clamped); gathers, no BLAS
+        ly, hy, ty = _bilinear_taps(self.rows, y0, y1, grid.shape[0])
+        lx, hx, tx = _bilinear_taps(self.columns, x0, x1, grid.shape[1])
+        a = grid[ly] * (1.0 - ty)[:, None] + grid[hy] * ty[:, None]  # (rows, g)
+        out = np.take(a, lx, axis=1)
+        out *= (1.0 - tx)[None, :]
+        out += np.take(a, hx, axis=1) * tx[None, :]
+        return out
+
+
+def _bilinear_taps(n_out: int, start: float, stop: float, n_in: int):
+    """Lower index, upper index and weight of the upper one, sampling [start, stop) of an n_in axis
+    at n_out pixel centres."""
+    centres = start + (np.arange(n_out, dtype=np.float64) + 0.5) * (stop - start) / n_out - 0.5
+    centres = np.clip(centres, 0.0, n_in - 1.0)
+    lo = np.floor(centres).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, (centres - lo).astype(np.float32)
 
 
 def as_float_image(image: np.ndarray) -> np.ndarray:
@@ -84,17 +99,31 @@ def as_float_image(image: np.ndarray) -> np.ndarray:
     return np.clip(a.astype(np.float32), 0.0, 1.0)
 
 
-def resize_to_canvas(image01: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
-    """float 0..1 image -> (size x size float32 canvas 0..1 with black padding, geometry)."""
-    rows, cols = image01.shape
+def as_uint8_image(image: np.ndarray) -> np.ndarray:
+    """Any accepted image (see :func:`as_float_image`) as uint8 0..255; uint8 greyscale passes through."""
+    a = np.asarray(image)
+    if a.dtype == np.uint8 and a.ndim == 2:
+        return a
+    return np.rint(as_float_image(a) * 255.0).astype(np.uint8)
+
+
+def resize_to_canvas(image: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
+    """Image (uint8, or float 0..1) -> (size x size float32 canvas 0..1 with black padding, geometry).
+
+    Works on 8 bits, as the training cache did: huge images are first halved (2x2 box) until
+    their long side is at most ``EARLY_DOWNSCALE_SIDE``, then box-filtered to the canvas size.
+    """
+    u8 = as_uint8_image(image)
+    if u8.ndim != 2:
+        raise ValueError(f"expected a 2-D greyscale image, got shape {u8.shape}")
+    rows, cols = u8.shape
     geo = Geometry.for_image(rows, cols, size)
-    img = image01
-    while max(img.shape) > EARLY_DOWNSCALE_SIDE:
-        h, w = (img.shape[0] // 2) * 2, (img.shape[1] // 2) * 2
-        img = img[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
-    small = Image.fromarray(img.astype(np.float32), mode="F").resize((geo.width, geo.height), Image.BOX)
+    img = Image.fromarray(u8, mode="L")
+    while max(img.size) > EARLY_DOWNSCALE_SIDE:
+        img = img.reduce(2)
+    small = np.asarray(img.resize((geo.width, geo.height), Image.BOX), dtype=np.float32) / 255.0
     canvas = np.zeros((size, size), dtype=np.float32)
-    canvas[geo.off_y:geo.off_y + geo.height, geo.off_x:geo.off_x + geo.width] = np.asarray(small)
+    canvas[geo.off_y:geo.off_y + geo.height, geo.off_x:geo.off_x + geo.width] = small
     return canvas, geo
 
 
@@ -107,11 +136,11 @@ def standardise(canvas01: np.ndarray, geo: Geometry) -> np.ndarray:
 
 def prepare(image: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
     """Displayed image -> (model input float32 size x size, geometry)."""
-    canvas, geo = resize_to_canvas(as_float_image(image), size)
+    canvas, geo = resize_to_canvas(image, size)
     return standardise(canvas, geo), geo
 
 
 def canvas_uint8(image: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
     """Displayed image -> (uint8 canvas, geometry): what the training cache stores."""
-    canvas, geo = resize_to_canvas(as_float_image(image), size)
+    canvas, geo = resize_to_canvas(image, size)
     return np.rint(canvas * 255).astype(np.uint8), geo

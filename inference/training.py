@@ -145,7 +145,8 @@ HEAD_DEFAULTS = {
     # name: (kind, labels, arch, source filter)
     "fracture": ("binary", ["absent", "present"], {"type": "attn+patch", "hidden": 256, "dropout": 0.3}),
     "kl_grade": ("ordinal", list(D.KL_GRADES), {"type": "attn", "hidden": 256, "dropout": 0.3}),
-    "anatomy": ("categorical", list(D.ANATOMY), {"type": "attn", "hidden": 256, "dropout": 0.3}),
+    "anatomy": ("categorical", list(D.ANATOMY), {"type": "attn", "hidden": 256, "dropout": 0.3,
+                                                 "geometry_augmentation": 1}),
     "view": ("categorical", list(D.VIEWS), {"type": "attn", "hidden": 256, "dropout": 0.3}),
     "hardware": ("binary", ["absent", "present"], {"type": "linear", "dropout": 0.0}),
     "tumour": ("binary", ["absent", "present"], {"type": "linear", "dropout": 0.0}),
@@ -198,6 +199,36 @@ def _key(records) -> str:
     import hashlib
 
     return hashlib.sha256("\n".join(r.path for r in records).encode()).hexdigest()[:12]
+
+
+def geometry_augmented_tokens(emb: "Embedded", idx: np.ndarray, seed: int) -> torch.Tensor:
+    """Tokens of random re-framings of the images ``idx``: a crop of random aspect ratio (0.6-1.67) and
+    area (60-100 % of the largest such crop), letterboxed again.
+
+    The knee crops are all square and fill the canvas while FracAtlas images are letterboxed, so
+    without this an anatomy head learns "square, no padding = knee". Re-framing breaks that cue.
+    """
+    from inference.preprocess import resize_to_canvas
+
+    rng = np.random.default_rng(seed)
+    size = emb.cfg.image_size
+    canvases = np.empty((len(idx), size, size), np.uint8)
+    geos = []
+    for k, i in enumerate(idx):
+        g = emb.geos[i]
+        img = emb.canvases[i, g.off_y:g.off_y + g.height, g.off_x:g.off_x + g.width]
+        h_img, w_img = img.shape
+        aspect = math.exp(rng.uniform(math.log(0.6), math.log(1 / 0.6)))  # width / height
+        h, w = (h_img, aspect * h_img) if w_img / h_img > aspect else (w_img / aspect, w_img)
+        f = math.sqrt(rng.uniform(0.6, 1.0))
+        h, w = max(8, int(h * f)), max(8, int(w * f))
+        y0 = int(rng.integers(0, max(1, h_img - h + 1)))
+        x0 = int(rng.integers(0, max(1, w_img - w + 1)))
+        c, geo = resize_to_canvas(img[y0:y0 + h, x0:x0 + w], size)
+        canvases[k] = np.rint(c * 255).astype(np.uint8)
+        geos.append(geo)
+    means, stds = canvas_stats(canvases, geos)
+    return extract_tokens(emb.mae, canvases, means, stds)
 
 
 def head_targets(name: str, records: list[D.Record]):
@@ -408,7 +439,12 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
     if arch.get("type") == "attn+patch":
         pt, ok = patch_targets([emb.records[i] for i in tr], [emb.geos[i] for i in tr], emb.cfg.grid)
         patch_y, patch_ok = pt, ok
-    head, info = train_head(name, kind, labels, arch, emb.tokens[tr], ys(tr),
+    train_tokens, train_y = emb.tokens[tr], ys(tr)
+    for copy in range(int(arch.get("geometry_augmentation", 0))):
+        log.info("re-framing %d training images for head %s (copy %d)", len(tr), name, copy + 1)
+        train_tokens = torch.cat([train_tokens, geometry_augmented_tokens(emb, tr, seed + 1000 * (copy + 1))])
+        train_y = np.concatenate([train_y, ys(tr)])
+    head, info = train_head(name, kind, labels, arch, train_tokens, train_y,
                             emb.tokens[dev] if dev is not None else None, ys(dev) if dev is not None else None,
                             epochs=epochs, seed=seed, patch_y=patch_y, patch_ok=patch_ok, lr=lr)
     result = {"head": head, "kind": kind, "labels": labels, "arch": arch, "train_images": int(len(tr)),
@@ -481,7 +517,7 @@ def fit_anomaly(emb: Embedded, bundle: str | Path, groups: int = 4, passes: tupl
     meta["msk_node"]["anomaly"] = {
         "file": ANOMALY_FILE, "groups": groups, "passes": list(passes) if passes else None, "statistic": "per-position mean/std of patch MSE on normal images",
         "normal_images": int(len(normal)), "z_max": 6.0, "region_threshold": 0.5, "smooth_patches": 0.6,
-        "min_coverage": 0.5,
+        "min_coverage": 0.5, "erode_patches": 1,
         "display": "map = clip(z / z_max, 0, 1); regions: connected components of map >= region_threshold",
         "command": command,
     }
@@ -586,10 +622,11 @@ def adapt(init: str, data_dir: str, out: str, *, epochs: int = 3, batch_size: in
                          np.mean(losses[-20:]), time.time() - t0)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.time() - t0, 1)})
         pre = dict(card.meta["msk_node"]["training"].get("pretrain", {}))
-        write_pretrained_bundle(out, mae, cfg, training={
-            **pre, "adapt": {"command": command, "init": str(init), "seed": seed, "epochs_done": epoch + 1,
-                             "epochs": epochs, "batch_size": batch_size, "lr": lr, "head_lr": head_lr,
-                             "mae_weight": mae_weight, "labels": list(ADAPT_HEADS), "history": history}})
+        stage = {"command": command, "init": str(init), "seed": seed, "epochs_done": epoch + 1, "epochs": epochs,
+                 "batch_size": batch_size, "lr": lr, "head_lr": head_lr, "mae_weight": mae_weight,
+                 "labels": list(ADAPT_HEADS), "history": history}
+        earlier = pre.get("adapt_stages") or ([pre["adapt"]] if pre.get("adapt") else [])
+        write_pretrained_bundle(out, mae, cfg, training={**pre, "adapt": stage, "adapt_stages": earlier + [stage]})
         if max_minutes is not None and (time.time() - t0) / 60 > max_minutes:
             log.warning("stopping after epoch %d: --max-minutes %.1f reached", epoch, max_minutes)
             break
