@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import signal
 import threading
+import time
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -85,11 +87,24 @@ class Node:
         log.info("msk-dicom-node %s started (config %s)", __version__, self.cfg.source or "<defaults>")
 
     def _relay_done(self) -> None:
-        done = self.pool.done_event
-        while not self._stop.is_set() and not self.pool.stop_event.is_set():
-            if done.wait(1.0):
-                done.clear()
+        from multiprocessing.connection import wait
+
+        while not self._stop.is_set() and not self.pool.stopping:
+            readers = self.pool.done_readers()
+            try:
+                ready = wait(readers, timeout=1.0) if readers else []
+            except (OSError, ValueError):  # a pipe closed under us: a worker was replaced
+                continue
+            woke = False
+            for r in ready:
+                try:
+                    woke |= bool(os.read(r.fileno(), 4096))
+                except OSError:
+                    pass
+            if woke:
                 self.sender.wake()
+            elif ready:
+                time.sleep(0.2)  # end of file: a worker died; the pool restarts it
 
     def retention(self) -> int:
         """Remove studies older than retention.max_age_days whose results were all delivered."""

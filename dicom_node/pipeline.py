@@ -21,7 +21,6 @@ import multiprocessing
 import os
 import signal
 import socket
-import threading
 import time
 from dataclasses import dataclass
 
@@ -79,14 +78,18 @@ class Pipeline:
         self.index.close()
 
     # -- the loop ------------------------------------------------------------
-    def run(self, stop, poll: float = 0.5, parent_pid: int | None = None, wake=None, done=None) -> None:
-        """Process stable studies until ``stop`` is set.
+    def run(self, control=None, done=None, poll: float = 0.5, parent_pid: int | None = None) -> None:
+        """Process stable studies until told to stop.
 
-        ``wake`` (an Event the node sets when a study turns stable) ends the wait between polls
-        early; ``done`` is set after each study whose results were recorded, so the node's sender
-        starts at once. Both are optional: polling alone is correct, only slower.
+        ``control`` is the read end of a pipe from the node: ``w`` wakes the worker (a study turned
+        stable), ``q`` stops it, and end-of-file means the node is gone (even after ``kill -9``:
+        a pipe cannot be left locked by a dead process, unlike a shared Event). ``done`` is the
+        write end of a pipe to the node, signalled after each study, so that sending starts at once.
+        Without them the worker polls, which is correct, only slower.
         """
-        while not stop.is_set():
+        if done is not None:
+            os.set_blocking(done.fileno(), False)
+        while True:
             if parent_pid is not None and os.getppid() != parent_pid:
                 log.error("the node (pid %d) is gone: this inference worker stops", parent_pid)
                 return
@@ -96,13 +99,21 @@ class Pipeline:
                 log.exception("pipeline error")
                 did = False
             if did and done is not None:
-                done.set()
-            if not did:
-                if wake is not None:
-                    if wake.wait(poll):
-                        wake.clear()
-                else:
-                    stop.wait(poll)
+                _signal(done, b"d")
+            if control is None:
+                if not did:
+                    time.sleep(poll)
+                continue
+            if control.poll(0 if did else poll):
+                try:
+                    data = os.read(control.fileno(), 4096)
+                except BlockingIOError:
+                    data = b"w"
+                if not data:
+                    log.error("the node is gone: this inference worker stops")
+                    return
+                if b"q" in data:
+                    return
 
     def process_one(self) -> bool:
         claim = self.jobs.claim(self.worker, self.cfg.pipeline.lease_seconds)
@@ -214,7 +225,15 @@ class Pipeline:
                 f"{len(written)} object(s) queued for {sorted({d for w in written for d in w.destinations})}")
 
 
-def worker_main(cfg: Config, n: int, stop, parent_pid: int | None = None, wake=None, done=None) -> None:
+def _signal(conn, byte: bytes) -> None:
+    """Write one byte to a non-blocking pipe end; a full or closed pipe is fine (the reader is busy or gone)."""
+    try:
+        os.write(conn.fileno(), byte)
+    except OSError:
+        pass
+
+
+def worker_main(cfg: Config, n: int, control, done, parent_pid: int | None = None) -> None:
     """Entry point of an inference worker process."""
     from dicom_node.logs import setup_logging
 
@@ -226,36 +245,46 @@ def worker_main(cfg: Config, n: int, stop, parent_pid: int | None = None, wake=N
     import torch
 
     torch.set_num_threads(cfg.pipeline.threads or max(1, (os.cpu_count() or 2) - 1))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops its workers through ``stop``
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops its workers through the control pipe
     pipeline = Pipeline(cfg, worker=worker_id(n))
     try:
-        pipeline.run(stop, parent_pid=parent_pid, wake=wake, done=done)
+        pipeline.run(control, done, parent_pid=parent_pid)
     finally:
         pipeline.close()
 
 
 class WorkerPool:
-    """Inference worker processes, restarted if one dies (its claims are given back first)."""
+    """Inference worker processes, restarted if one dies (its claims are given back first).
+
+    Each worker has two pipes: control (node → worker: wake, quit; EOF when the node dies) and
+    done (worker → node: results queued). :meth:`done_readers` feeds the node's relay to the sender.
+    """
 
     def __init__(self, cfg: Config, jobs: Jobs):
         self.cfg = cfg
         self.jobs = jobs
         self.ctx = multiprocessing.get_context("spawn")
-        self.stop_event = self.ctx.Event()
-        self.wake_event = self.ctx.Event()  # set by the node: a study turned stable
-        self.done_event = self.ctx.Event()  # set by a worker: results were queued for sending
+        self.stopping = False
         self.procs: dict[int, multiprocessing.Process] = {}
+        self._control: dict[int, object] = {}  # write ends, non-blocking
+        self._done: dict[int, object] = {}  # read ends
         self._failures: dict[int, int] = {}  # consecutive early exits per worker
         self._not_before: dict[int, float] = {}
         self._started: dict[int, float] = {}
 
     def _spawn(self, n: int) -> None:
-        p = self.ctx.Process(target=worker_main, args=(self.cfg, n, self.stop_event, os.getpid(), self.wake_event,
-                                                       self.done_event),
-                             name=f"inference-{n}",
-                             daemon=True)
+        control_r, control_w = self.ctx.Pipe(duplex=False)
+        done_r, done_w = self.ctx.Pipe(duplex=False)
+        p = self.ctx.Process(target=worker_main, args=(self.cfg, n, control_r, done_w, os.getpid()),
+                             name=f"inference-{n}", daemon=True)
         p.start()
+        control_r.close()  # the child holds its own copies: EOF reaches each side when the other dies
+        done_w.close()
+        os.set_blocking(control_w.fileno(), False)
+        for old in (self._control.pop(n, None), self._done.pop(n, None)):
+            if old is not None:
+                old.close()
+        self._control[n], self._done[n] = control_w, done_r
         self.procs[n] = p
         self._started[n] = time.monotonic()
         log.info("inference worker %d started (pid %d)", n, p.pid)
@@ -264,9 +293,12 @@ class WorkerPool:
         for n in range(self.cfg.pipeline.workers):
             self._spawn(n)
 
+    def done_readers(self) -> list:
+        return list(self._done.values())
+
     def check(self) -> None:
         """Restart dead workers (called periodically by the node)."""
-        if self.stop_event.is_set():
+        if self.stopping:
             return
         now = time.monotonic()
         for n, p in list(self.procs.items()):
@@ -287,13 +319,17 @@ class WorkerPool:
 
     def wake(self, *_args) -> None:
         """A study turned stable: a waiting worker claims it now rather than at its next poll."""
-        self.wake_event.set()
+        for w in list(self._control.values()):
+            _signal(w, b"w")
 
     def stop(self, timeout: float = 20.0) -> None:
-        self.stop_event.set()
-        self.wake_event.set()
+        self.stopping = True
+        for w in list(self._control.values()):
+            _signal(w, b"q")
         for p in self.procs.values():
             p.join(timeout)
             if p.is_alive():
                 p.kill()
                 p.join()
+        for conn in list(self._control.values()) + list(self._done.values()):
+            conn.close()
