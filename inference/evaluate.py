@@ -104,8 +104,6 @@ def split_metrics(model, records: list[D.Record], results) -> dict:
             }
     kl = [(r, res) for r, res in zip(records, results) if r.kl >= 0]
     if kl and "kl_grade" in model.heads:
-        from inference.heads import probabilities  # noqa: F401  (heads run inside predict)
-
         y = np.array([r.kl for r, _ in kl])
         # grade every knee, also when the anatomy gate would not report it (gate counted separately)
         pred = np.array([res.kl_grade.index if res.kl_grade is not None else -1 for _, res in kl])

@@ -7,7 +7,6 @@ uint8 canvas cache of :mod:`inference.data`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -24,6 +23,17 @@ from inference.vit import MAE, ViTConfig, complementary_keeps
 
 log = logging.getLogger("inference.training")
 
+
+
+def _stop_early(epoch: int, epochs: int, t0: float, max_minutes: float | None, stop_after_epochs: int | None) -> bool:
+    """After ``epoch`` (0-based): stop for ``--max-minutes`` or ``--stop-after-epochs``?"""
+    if max_minutes is not None and (time.time() - t0) / 60 > max_minutes:
+        log.warning("stopping after epoch %d: --max-minutes %.1f reached", epoch, max_minutes)
+        return True
+    if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
+        log.info("stopping after epoch %d (--stop-after-epochs; schedule of %d epochs)", epoch, epochs)
+        return True
+    return False
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -129,11 +139,7 @@ def pretrain(data_dir: str, out: str, *, image_size: int = 192, epochs: int = 10
             "command": command, "seed": seed, "epochs_done": epoch + 1, "epochs": epochs, "batch_size": batch_size,
             "lr": lr, "weight_decay": weight_decay, "splits": list(splits), "images": n, "history": history,
             "init": init})
-        if max_minutes is not None and (time.time() - t0) / 60 > max_minutes:
-            log.warning("stopping after epoch %d: --max-minutes %.1f reached", epoch, max_minutes)
-            break
-        if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
-            log.info("stopping after epoch %d (--stop-after-epochs; schedule of %d epochs)", epoch, epochs)
+        if _stop_early(epoch, epochs, t0, max_minutes, stop_after_epochs):
             break
     return Path(out)
 
@@ -553,7 +559,7 @@ def adapt(init: str, data_dir: str, out: str, *, epochs: int = 3, batch_size: in
     cache = cache or str(Path("/tmp") / f"msk-cache-{cfg.image_size}.npz")
     canvases, geos = D.build_cache(records, cfg.image_size, cache)
     means, stds = canvas_stats(canvases, geos)
-    black = torch.from_numpy(-means / stds)
+
     heads = torch.nn.ModuleDict()
     targets = {}
     for name in ADAPT_HEADS:
@@ -627,10 +633,6 @@ def adapt(init: str, data_dir: str, out: str, *, epochs: int = 3, batch_size: in
                  "labels": list(ADAPT_HEADS), "history": history}
         earlier = pre.get("adapt_stages") or ([pre["adapt"]] if pre.get("adapt") else [])
         write_pretrained_bundle(out, mae, cfg, training={**pre, "adapt": stage, "adapt_stages": earlier + [stage]})
-        if max_minutes is not None and (time.time() - t0) / 60 > max_minutes:
-            log.warning("stopping after epoch %d: --max-minutes %.1f reached", epoch, max_minutes)
-            break
-        if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
-            log.info("stopping after epoch %d (--stop-after-epochs; schedule of %d epochs)", epoch, epochs)
+        if _stop_early(epoch, epochs, t0, max_minutes, stop_after_epochs):
             break
     return Path(out)

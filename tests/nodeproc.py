@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
-from tests.peers import free_port, stop_process, wait_for_port
+from tests.peers import free_port, stop_process, wait_for_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,14 +90,7 @@ class NodeProcess:
         return json.loads(self.cli("studies", "--json").stdout)
 
     def wait_for(self, predicate, timeout: float = 60.0, interval: float = 0.25, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            last = predicate()
-            if last:
-                return last
-            time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}; last={last!r}\n{self.log()[-3000:]}")
+        return wait_until(predicate, timeout, what, interval, context=lambda: "\n" + self.log()[-3000:])
 
     def __enter__(self) -> "NodeProcess":
         return self.start()

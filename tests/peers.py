@@ -36,6 +36,19 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0, pro
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.1,
+               context=lambda: ""):
+    """Poll ``predicate`` until it returns something true (returned) or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last={last!r}{context()}")
+
+
 def stop_process(proc: subprocess.Popen | None, timeout: float = 20.0) -> int | None:
     """SIGTERM, then SIGKILL after ``timeout``; returns the exit status (None if there was no process)."""
     if proc is None:

@@ -32,7 +32,7 @@ from storage.files import InstanceStore
 from storage.index import Index
 from storage.models import Delivery, Patient, ResultObject, Study, utcnow
 from tests.counting_scp import CountingSCP, CountingSCPProcess
-from tests.peers import Orthanc, Storescp, free_port
+from tests.peers import Orthanc, Storescp, free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = {"base_delay_seconds": 0.2, "multiplier": 2.0, "max_delay_seconds": 1.0, "max_attempts": 10,
@@ -200,17 +200,6 @@ def rigs(tmp_path):
     yield _make
     for r in made:
         r.close()
-
-
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last={last!r}")
 
 
 def orthanc_lookup(pacs: Orthanc, uid: str) -> list[str]:
