@@ -70,14 +70,11 @@ class SendError(NodeError):
 
 
 def dicom_status_for(exc: BaseException) -> int:
-    """DICOM status for ``exc``: its class's status, 0xA700 for OS resource errors, else 0xC210."""
+    """DICOM status for ``exc``: its class's status; 0xA700 (out of resources) for memory and OS errors
+    (disk full, quota, too many open files, I/O errors); otherwise 0xC210 (cannot understand)."""
     if isinstance(exc, NodeError):
         return exc.dicom_status
-    if isinstance(exc, (MemoryError,)):
-        return 0xA700
-    if isinstance(exc, OSError) and exc.errno in (28, 122, 24, 23):  # ENOSPC, EDQUOT, EMFILE, ENFILE
-        return 0xA700
-    if isinstance(exc, OSError):
+    if isinstance(exc, (MemoryError, OSError)):
         return 0xA700
     return 0xC210
 
