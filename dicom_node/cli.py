@@ -8,6 +8,7 @@ configuration; model commands (``infer``, ``model ...``) live in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -43,19 +44,20 @@ def cmd_serve(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
 def _open_index(args):
     from storage.index import Index
 
-    cfg = _load_config(args)
-    return Index(cfg.storage.database_url)
+    index = Index(_load_config(args).storage.database_url)
+    try:
+        yield index
+    finally:
+        index.close()
 
 
 def cmd_status(args) -> int:
-    index = _open_index(args)
-    try:
+    with _open_index(args) as index:
         status = index.status()
-    finally:
-        index.close()
     if args.json:
         print(json.dumps(status, sort_keys=True))
     else:
@@ -67,11 +69,8 @@ def cmd_status(args) -> int:
 
 
 def cmd_studies(args) -> int:
-    index = _open_index(args)
-    try:
+    with _open_index(args) as index:
         rows = index.list_studies(limit=args.limit, state=args.state)
-    finally:
-        index.close()
     if args.json:
         print(json.dumps(rows, sort_keys=True))
         return 0
@@ -83,11 +82,8 @@ def cmd_studies(args) -> int:
 
 
 def cmd_instances(args) -> int:
-    index = _open_index(args)
-    try:
+    with _open_index(args) as index:
         rows = index.study_instances(args.study)
-    finally:
-        index.close()
     keep = ("SOPInstanceUID", "SOPClassUID", "TransferSyntaxUID", "Modality", "BodyPartExamined", "ViewPosition",
             "Laterality", "Rows", "Columns", "file_path", "file_size", "receive_count", "calling_ae", "received_at")
     rows = [{k: (r[k].isoformat() if hasattr(r[k], "isoformat") else r[k]) for k in keep} for r in rows]
@@ -103,16 +99,13 @@ def cmd_jobs(args) -> int:
     from storage.deliveries import DeliveryQueue
     from storage.jobs import Jobs
 
-    index = _open_index(args)
-    try:
+    with _open_index(args) as index:
         jobs = Jobs(index)
         queue = DeliveryQueue(index)
         rows = jobs.jobs(limit=args.limit)
         summaries = queue.summaries([r["id"] for r in rows])
         for r in rows:
             r["deliveries"] = summaries.get(r.pop("id"), [])
-    finally:
-        index.close()
     if args.json:
         print(json.dumps(rows, sort_keys=True, default=str))
         return 0
@@ -128,12 +121,9 @@ def cmd_retry(args) -> int:
     from storage.deliveries import DeliveryQueue
     from storage.jobs import Jobs
 
-    index = _open_index(args)
-    try:
+    with _open_index(args) as index:
         n_deliveries = DeliveryQueue(index).retry_dead(args.study)
         n_studies = Jobs(index).retry_failed_inference(args.study)
-    finally:
-        index.close()
     print(f"re-queued {n_deliveries} dead deliver{'y' if n_deliveries == 1 else 'ies'} and "
           f"{n_studies} stud{'y' if n_studies == 1 else 'ies'} whose inference had failed")
     return 0

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
@@ -42,7 +43,7 @@ def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword)
     if value is None:
         return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+    if isinstance(value, (list, tuple, MultiValue)):
         return "\\".join(str(v) for v in value)
     return str(value).strip()
 

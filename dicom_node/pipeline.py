@@ -206,9 +206,9 @@ class Pipeline:
                                     concept_overrides=card_concepts(self.model.card))
         dests = destinations(rules, claim.calling_ae)
         written: list[NewResult] = []
-        kinds = [("summary", objs.summary, dests["summary"])] + \
+        outputs = [("summary", objs.summary, dests["summary"])] + \
             [("heatmap", h, dests["heatmaps"]) for h in objs.heatmaps] + [("sr", objs.sr, dests["sr"])]
-        for kind, ds, to in kinds:
+        for kind, ds, to in outputs:
             buf = DicomBytesIO()
             ds.save_as(buf, enforce_file_format=True)
             data = buf.getvalue()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import delete, or_, select, update
 
 from storage.index import Index
-from storage.models import Delivery, DeliveryState, Instance, ResultObject, Study, StudyState, utcnow
+from storage.models import Delivery, DeliveryState, Instance, ResultObject, Series, Study, StudyState, utcnow
 
 log = logging.getLogger("storage.jobs")
 
@@ -229,8 +229,6 @@ class Jobs:
             s.execute(delete(Delivery).where(Delivery.study_id == study_id))
             s.execute(delete(ResultObject).where(ResultObject.study_id == study_id))
             s.execute(delete(Instance).where(Instance.study_id == study_id))
-            from storage.models import Series
-
             s.execute(delete(Series).where(Series.study_id == study_id))
             s.delete(study)
             return True
