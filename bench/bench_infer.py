@@ -57,12 +57,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--files", default=None, help="folder holding the RG*.dcm files (default: pydicom-data)")
     args = ap.parse_args()
+    path_of = (lambda f: str(Path(args.files) / f)) if args.files else get_testdata_file
     torch.set_num_threads(args.threads)
     model = load_bundle(args.bundle, args.device)
     model.batch_size = args.batch
     dev = model.device
-    datasets = [pydicom.dcmread(get_testdata_file(FILES[i % len(FILES)])) for i in range(args.images)]
+    datasets = [pydicom.dcmread(path_of(FILES[i % len(FILES)])) for i in range(args.images)]
     shown = [display_uint8(ds) for ds in datasets]
     x = torch.from_numpy(np.stack([model.prepare(a)[0] for a in shown]))[:, None].to(dev)
     n = len(datasets)
@@ -71,7 +73,7 @@ def main() -> int:
         if dev.startswith("cuda"):
             torch.cuda.synchronize()
 
-    raw = [Path(get_testdata_file(FILES[i % len(FILES)])).read_bytes() for i in range(args.images)]
+    raw = [Path(path_of(FILES[i % len(FILES)])).read_bytes() for i in range(args.images)]
 
     def end_to_end():
         # parse and decode from the file bytes each time, as a received instance would be
@@ -105,6 +107,13 @@ def main() -> int:
             reconstruction_error(model.mae, x[s:s + args.batch], groups, passes)
         sync()
 
+    @torch.no_grad()
+    def encoder_bf16():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            for s in range(0, n, args.batch):
+                model.mae.encoder(x[s:s + args.batch])
+        sync()
+
     t_e2e = timed(end_to_end, args.repeats)
     t_arr = timed(arrays, args.repeats)
     t_enc = timed(encoder, args.repeats)
@@ -116,6 +125,9 @@ def main() -> int:
     print(f"end to end (DICOM decode .. maps):     {n / t_e2e:8.1f} images/s")
     print(f"end to end, pixels already decoded:    {n / t_arr:8.1f} images/s")
     print(f"bare encoder forward (same images):    {n / t_enc:8.1f} images/s")
+    if dev.startswith("cuda"):
+        t_bf16 = timed(encoder_bf16, args.repeats)
+        print(f"bare encoder forward, bf16 autocast:   {n / t_bf16:8.1f} images/s  (x{t_enc / t_bf16:.2f} over fp32)")
     print(f"ratio end-to-end / bare encoder:       {t_enc / t_e2e:8.3f}  (bare encoder is {t_e2e / t_enc:.1f}x faster)")
     print(f"ratio decoded-pixels / bare encoder:   {t_enc / t_arr:8.3f}  (bare encoder is {t_arr / t_enc:.1f}x faster)")
     print(f"all heads, cost in encoder passes:     {t_heads / t_enc:8.3f}")

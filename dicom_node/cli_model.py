@@ -26,9 +26,21 @@ def _threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _weights(items) -> dict[str, float]:
+    out = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise SystemExit(f"--head-weight {item!r}: expected NAME=NUMBER") from None
+        if not sep:
+            raise SystemExit(f"--head-weight {item!r}: expected NAME=NUMBER")
+    return out
+
+
 def cmd_pretrain(args) -> int:
     _threads(args)
-    args.lr_given = args.lr is not None
     from inference.training import adapt, pretrain
 
     if args.supervised_epochs:
@@ -36,14 +48,18 @@ def cmd_pretrain(args) -> int:
             raise SystemExit("--supervised-epochs adapts a pretrained encoder: give --init BUNDLE")
         out = adapt(args.init, args.data, args.out, epochs=args.supervised_epochs, seed=args.seed,
                     cache=args.cache, threads=args.threads, device=args.device, max_minutes=args.max_minutes,
-                    command=_command_line(), lr=args.lr if args.lr_given else 2e-4,
-                    stop_after_epochs=args.stop_after_epochs)
+                    command=_command_line(), lr=args.lr if args.lr is not None else 2e-4,
+                    batch_size=args.batch_size, mae_weight=args.mae_weight, gamma=args.gamma,
+                    stop_after_epochs=args.stop_after_epochs, head_weights=_weights(args.head_weight))
         print(f"adapted encoder written to {out}")
         return 0
+    arch = {k: getattr(args, k) for k in ("dim", "depth", "heads", "decoder_dim", "decoder_depth", "decoder_heads")
+            if getattr(args, k) is not None}
     out = pretrain(args.data, args.out, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
-                   lr=args.lr if args.lr_given else 5e-4, seed=args.seed, cache=args.cache, init=args.init, threads=args.threads,
-                   device=args.device, max_minutes=args.max_minutes, command=_command_line(),
-                   splits=tuple(args.splits.split(",")), stop_after_epochs=args.stop_after_epochs)
+                   lr=args.lr if args.lr is not None else 5e-4, seed=args.seed, cache=args.cache, init=args.init,
+                   threads=args.threads, device=args.device, max_minutes=args.max_minutes, command=_command_line(),
+                   splits=tuple(args.splits.split(",")), stop_after_epochs=args.stop_after_epochs, arch=arch,
+                   gamma=args.gamma)
     print(f"pretrained encoder written to {out}")
     return 0
 
@@ -56,9 +72,17 @@ def register(sub) -> None:
     p = msub.add_parser("pretrain", help="self-supervised MAE pretraining of the encoder")
     p.add_argument("--data", required=True, help="data directory (fracatlas/ and/or knee-kl/)")
     p.add_argument("--out", required=True, help="bundle directory to write")
-    p.add_argument("--image-size", type=int, default=192)
+    p.add_argument("--image-size", type=int, default=256)
+    for name, help_ in (("dim", "encoder width (256)"), ("depth", "encoder blocks (8)"),
+                        ("heads", "encoder attention heads (4)"), ("decoder-dim", "MAE decoder width (192)"),
+                        ("decoder-depth", "MAE decoder blocks (3)"), ("decoder-heads", "MAE decoder heads (6)")):
+        p.add_argument(f"--{name}", type=int, default=None, help=help_)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--gamma", type=float, default=0.25, help="random gamma exp(U(-g, g)) per training image")
+    p.add_argument("--mae-weight", type=float, default=1.0, help="MAE loss weight during --supervised-epochs")
+    p.add_argument("--head-weight", action="append", metavar="NAME=W",
+                   help="loss weight of a task during --supervised-epochs (fracture, kl_grade, anatomy, view; 1)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (5e-4 MAE, 2e-4 adaptation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--supervised-epochs", type=int, default=0,
@@ -100,6 +124,15 @@ def cmd_fit_heads(args) -> int:
         kind = labels = None
     else:
         raise SystemExit("give --data DIR (msk-xray layout) or --labels CSV")
+    arch = {}
+    for item in args.arch or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--arch {item!r}: expected KEY=VALUE")
+        try:
+            arch[key] = json.loads(value)
+        except ValueError:
+            arch[key] = value
     emb = Embedded(args.bundle, records, args.cache_dir, device=args.device)
     for name in args.head:
         if name == "anomaly":
@@ -107,7 +140,7 @@ def cmd_fit_heads(args) -> int:
             print(f"anomaly statistics from {info['normal_images']} normal training images written")
             continue
         fit = fit_head(emb, name, kind=kind, labels=labels, epochs=args.epochs, seed=args.seed,
-                       max_labels=args.max_labels)
+                       max_labels=args.max_labels, arch=arch, lr=args.lr)
         save_head(args.bundle, name, fit, command=command, extra={"seed": args.seed, "epochs": args.epochs,
                                                                    "max_labels": args.max_labels})
         msg = (f"head {name}: {fit['train_images']} train images, epoch {fit['selection']['best_epoch']}, "
@@ -278,7 +311,26 @@ def cmd_infer(args) -> int:
     return 0 if processed == len(summary) else 3
 
 
+def cmd_pack_data(args) -> int:
+    from inference.data import pack_layout
+
+    stats = pack_layout(args.data, args.out, long_side=args.long_side, quality=args.quality, sample=args.sample,
+                        workers=args.workers, command=_command_line())
+    print(f"packed {stats['fracatlas']} FracAtlas and {stats['knee']} knee images into {args.out} "
+          f"({stats['bytes'] / 1e6:.1f} MB)")
+    return 0
+
+
 def register_more(sub, msub) -> None:
+    p = msub.add_parser("pack-data", help="compact copy of a data layout (FracAtlas as WebP) for a training machine")
+    p.add_argument("--data", required=True, help="data directory (fracatlas/ and/or knee-kl/)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--long-side", type=int, default=384)
+    p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--sample", type=int, default=None, help="deterministic subset of N images per source")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_pack_data)
+
     p = msub.add_parser("fit-heads", help="train task heads (or anomaly statistics) on frozen embeddings")
     p.add_argument("--bundle", required=True, help="bundle to add the heads to (written in place)")
     p.add_argument("--data", default=None, help="data directory (fracatlas/ and/or knee-kl/)")
@@ -290,6 +342,9 @@ def register_more(sub, msub) -> None:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-labels", type=int, default=None, help="train on this many labelled images only")
+    p.add_argument("--arch", action="append", metavar="KEY=VALUE",
+                   help="override a head setting (hidden, dropout, pool_heads, ordinal_weight, ...); repeatable")
+    p.add_argument("--lr", type=float, default=1e-3, help="head learning rate")
     p.add_argument("--cache-dir", default=None, help="where decoded images and embeddings are cached (/tmp)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")

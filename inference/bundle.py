@@ -79,16 +79,15 @@ def _now() -> str:
 
 
 def base_metadata(cfg: ViTConfig, name: str = "msk-foundation", version: str = "0.1.0") -> dict:
-    """A fresh card: MONAI bundle metadata fields plus the node's own section."""
-    import monai
-
+    """A fresh card: MONAI bundle metadata fields plus the node's own section (``monai_version``:
+    the installed MONAI's, "unknown" on a training machine without it)."""
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
                   "meta_schema_20220324.json",
         "name": name,
         "version": version,
         "changelog": {version: "MAE-pretrained ViT encoder with fracture, KL grade, anatomy and view heads"},
-        "monai_version": monai.__version__,
+        "monai_version": _version("monai"),
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
         "required_packages_version": {"safetensors": _version("safetensors")},
@@ -163,6 +162,11 @@ def save_tensors(root: Path, rel: str, tensors: dict[str, torch.Tensor], meta: d
     meta["msk_node"]["weights"][rel] = sha256_file(path)
 
 
+def half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights are stored as float16 (half the bundle's size; loading casts back to the model's float32)."""
+    return {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}
+
+
 def write_metadata(root: Path, meta: dict) -> None:
     path = Path(root) / "configs" / "metadata.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +184,7 @@ def write_pretrained_bundle(out: str | Path, mae: MAE, cfg: ViTConfig, training:
     meta = base_metadata(cfg)
     meta["msk_node"]["training"] = {"pretrain": training, "python": platform.python_version(),
                                     "written": _now()}
-    save_tensors(out, MAE_FILE, mae.state_dict(), meta)
+    save_tensors(out, MAE_FILE, half(mae.state_dict()), meta)
     write_metadata(out, meta)
 
 

@@ -6,6 +6,9 @@
   (the localisation map), trained from boxes. Used for fracture.
 - ``linear``: layer norm + linear on [class token, mean patch token]; the probe
   for label-efficiency experiments and small data (tumour, hardware).
+
+Any of them with ``members: N`` (N > 1) is an ensemble of N such heads trained with
+different seeds, whose probabilities are averaged (used for the KL grade).
 """
 
 from __future__ import annotations
@@ -74,7 +77,31 @@ class LinearHead(nn.Module):
         return {"logits": self.fc(self.drop(self.norm(feat)))}
 
 
+class EnsembleHead(nn.Module):
+    """Members' probabilities averaged; returned as logits again (log of the mean softmax, or the
+    logit of the mean sigmoid for single outputs and patch maps), so callers see one head."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        outs = [m(tokens) for m in self.members]
+        merged = {}
+        for key in outs[0]:
+            logits = torch.stack([o[key].float() for o in outs])
+            if key == "logits" and logits.shape[-1] > 1:
+                merged[key] = torch.log(torch.softmax(logits, -1).mean(0).clamp_min(1e-12))
+            else:
+                p = torch.sigmoid(logits).mean(0).clamp(1e-7, 1 - 1e-7)
+                merged[key] = torch.log(p) - torch.log1p(-p)
+        return merged
+
+
 def build_head(arch: dict, dim: int, n_out: int) -> nn.Module:
+    members = int(arch.get("members", 1))
+    if members > 1:
+        return EnsembleHead([build_head({**arch, "members": 1}, dim, n_out) for _ in range(members)])
     kind = arch.get("type", "attn")
     hidden = int(arch.get("hidden", 256))
     dropout = float(arch.get("dropout", 0.2))

@@ -50,6 +50,14 @@ def _stages(pre: dict) -> list[dict]:
     return list(pre.get("adapt_stages") or ([pre["adapt"]] if pre.get("adapt") else []))
 
 
+def _where(pre: dict) -> str:
+    """The training machine as recorded (``device``), in words."""
+    dev = str(pre.get("device") or "")
+    if dev.startswith("cuda"):
+        return f"one GPU ({dev.split('(', 1)[-1].rstrip(')')})" if "(" in dev else "one GPU"
+    return "a 2-core CPU"
+
+
 def render(root: str | Path) -> str:
     card = read_card(Path(root))
     meta = card.meta
@@ -66,7 +74,7 @@ def render(root: str | Path) -> str:
     a("A small Vision Transformer for musculoskeletal radiographs, pretrained self-supervised as a masked "
       "autoencoder (MAE), with task heads on its embedding (fracture with a localisation map, knee "
       "osteoarthritis Kellgren-Lawrence grade, anatomy, view) and reconstruction-error anomaly maps. "
-      "Trained by the msk-dicom-node project on public data (below) on a 2-core CPU.\n")
+      f"Trained by the msk-dicom-node project on public data (below) on {_where(pre)}.\n")
     a("**Not for diagnostic use.** Research and workflow prototyping only: the node labels every result it "
       "sends as produced by an unvalidated algorithm.\n")
 
@@ -112,7 +120,12 @@ def render(root: str | Path) -> str:
       "even unlabelled). Heads pick their best epoch on a further 10 % of train (by hash), and the val splits "
       "are used only for the operating points and the metrics below.\n")
 
-    a("## How it was trained (exact commands, seeded, CPU)\n")
+    a("## How it was trained (exact commands, seeded)\n")
+    if pre.get("data_pack"):
+        a(f"The data travelled to the training machine as a compact copy made by `{pre['data_pack']}` "
+          "(FracAtlas downscaled to a long side of 384 px and re-encoded as WebP quality 90, its image ids and so "
+          "its splits unchanged; the knee set copied as provided). The training commands read that copy; the "
+          "evaluation below reads the data as distributed.\n")
     a("```")
     if pre.get("command"):
         a(pre["command"])
@@ -125,7 +138,9 @@ def render(root: str | Path) -> str:
             a(f"#   stopped after {st['epochs_done']} of {st['epochs']} epochs; deterministic equivalent: "
               f"add --stop-after-epochs {st['epochs_done']}")
     cmds = []
-    for name, h in node["heads"].items():
+    # in the order they ran: heads re-fitted later carry a later "fitted" time (older entries have none)
+    fitted = sorted(node["heads"].values(), key=lambda h: h.get("training", {}).get("fitted") or "")
+    for h in fitted:
         c = h.get("training", {}).get("command")
         if c and c not in cmds:
             cmds.append(c)
@@ -140,18 +155,20 @@ def render(root: str | Path) -> str:
         a(sm["command"])
     a("```\n")
     if _stages(pre):
-        a("(Paths are those of the training run: each stage's `--init` is a copy of the previous command's "
-          "output (`pretrained_e8`: the first command's output after its last epoch); the bundle directory "
-          "the heads were added to became this bundle.)\n")
+        a("(Paths are those of the training run: each stage's `--init` is the previous command's output; the "
+          "heads were added to a copy of the last stage's output, which became this bundle.)\n")
     if pre.get("history"):
         a(f"MAE pretraining: {pre.get('epochs_done')} epochs over {pre.get('images')} training images, batch "
           f"{pre.get('batch_size')}, AdamW lr {pre.get('lr')}, seed {pre.get('seed')}, final reconstruction loss "
-          f"{pre['history'][-1]['loss']:.3f} ({pre['history'][-1]['seconds'] / 60:.0f} min).")
+          f"{pre['history'][-1]['loss']:.3f} ({pre['history'][-1]['seconds'] / 60:.0f} min on {_where(pre)}).")
     stages = _stages(pre)
     if stages:
         a(f"Then multi-task adaptation of the encoder in {len(stages)} stage(s) ("
           + "; ".join(f"{st.get('epochs_done')} epochs at lr {st.get('lr')}, seed {st.get('seed')}, "
-                      f"{st['history'][-1]['seconds'] / 60:.0f} min" for st in stages)
+                      f"{st['history'][-1]['seconds'] / 60:.0f} min"
+                      + (f", encoder kept from epoch {st['best_epoch']} (best development score "
+                         f"{st['dev_score']:.3f})" if st.get("best_epoch") is not None else "")
+                      for st in stages)
           + f"; labels: {', '.join(stages[-1].get('labels', []))}; the MAE loss stays in the objective so the "
             f"decoder and the anomaly maps remain valid; the temporary heads of a stage are discarded). The "
             f"`hardware` label is never used in training the encoder.")
@@ -224,7 +241,7 @@ def render(root: str | Path) -> str:
         if misses:
             a("**Below target**: " + "; ".join(misses) + f". These are honest numbers of a "
               f"{enc_params / 1e6:.1f} M-parameter ViT at {cfg['image_size']} px trained from scratch in about "
-              f"{_minutes(tr):.0f} minutes (encoder; heads a few more) of a shared 2-core CPU; published "
+              f"{_minutes(tr):.0f} minutes (encoder; heads a few more) on {_where(pre)}; published "
               "models on the same data reach about 0.90 fracture AUROC and 0.70 KL accuracy with larger models, "
               "higher resolution and GPU-scale training. Fractures in FracAtlas are small: at "
               f"{cfg['image_size']} px a typical fracture box spans only a few patches.\n")

@@ -59,19 +59,73 @@ def to_input(canvases_u8: np.ndarray, means: np.ndarray, stds: np.ndarray) -> to
     return (x - m) / s
 
 
-def augment(x: torch.Tensor, black: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
-    """Random horizontal flip, scale 0.85-1.15, shift +-8 %, rotation +-10 deg; padding stays black."""
-    b = x.shape[0]
+def autocast(device: str):
+    """bf16 autocast on CUDA (the encoder's matrix work), a no-op context on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda"))
+
+
+class DeviceImages:
+    """The uint8 canvases and their geometries held on ``device``; standardised (optionally augmented) batches.
+
+    On a GPU the whole training set lives in its memory (10k images at 256 px: 0.7 GB), so
+    batches never wait on the CPU. Standardisation is recomputed after the intensity
+    augmentation over the image part only (letterbox padding excluded), as at inference.
+    """
+
+    def __init__(self, canvases: np.ndarray, geos: list[Geometry], device: str = "cpu"):
+        self.device = device
+        self.canvases = torch.from_numpy(np.ascontiguousarray(canvases)).to(device)
+        box = np.array([[g.off_y, g.off_x, g.height, g.width] for g in geos], dtype=np.int64).reshape(-1, 4)
+        self.box = torch.from_numpy(box).to(device)
+        self.size = canvases.shape[-1]
+
+    def __len__(self) -> int:
+        return len(self.canvases)
+
+    def batch(self, idx, gen: torch.Generator | None = None, gamma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(standardised images (B, 1, S, S), the padding value per image (B,)) for indices ``idx``.
+
+        ``gamma`` > 0 applies a random gamma exp(U(-gamma, gamma)) per image (drawn from ``gen``)."""
+        i = torch.as_tensor(np.asarray(idx), dtype=torch.long).to(self.device)
+        x = self.canvases[i].float().div_(255.0)[:, None]
+        if gamma > 0:
+            g = torch.exp((torch.rand(len(i), generator=gen) * 2 - 1) * gamma).to(self.device)
+            x = x.clamp_min(1e-6).pow(g[:, None, None, None])
+        b = self.box[i]
+        r = torch.arange(self.size, device=self.device)
+        rows = (r[None] >= b[:, :1]) & (r[None] < b[:, :1] + b[:, 2:3])
+        cols = (r[None] >= b[:, 1:2]) & (r[None] < b[:, 1:2] + b[:, 3:4])
+        mask = (rows[:, :, None] & cols[:, None, :])[:, None].float()
+        n = mask.sum((1, 2, 3)).clamp_min(1.0)
+        mean = (x * mask).sum((1, 2, 3)) / n
+        var = (((x - mean[:, None, None, None]) * mask) ** 2).sum((1, 2, 3)) / n
+        std = var.sqrt().clamp_min(0.02)
+        x = (x * mask - mean[:, None, None, None]) / std[:, None, None, None]
+        return x, -mean / std
+
+
+def augment_params(b: int, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """(B, 2, 3) affine matrices: horizontal flip, scale 0.85-1.15, shift +-8 %, rotation +-10 deg."""
     flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
     scale = 1.0 + (torch.rand(b, generator=gen) * 0.3 - 0.15) * strength
     angle = (torch.rand(b, generator=gen) * 20 - 10) * math.pi / 180 * strength
     shift = (torch.rand(b, 2, generator=gen) * 0.16 - 0.08) * strength
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
-                         torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    bl = black[:, None, None, None]
-    return F.grid_sample(x - bl, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + bl
+    return torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+                        torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+
+
+def warp(x: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Apply ``theta`` (normalised coordinates, so any resolution: images and patch-target maps alike)."""
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    if isinstance(fill, torch.Tensor):
+        fill = fill.to(x.device, x.dtype)[:, None, None, None]
+    return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+
+
+def augment(x: torch.Tensor, black: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Random flip, scale, shift and rotation (:func:`augment_params`); padding stays black."""
+    return warp(x, augment_params(x.shape[0], gen, strength), black)
 
 
 def lattice_keep(cfg: ViTConfig, b: int, gen: torch.Generator) -> torch.Tensor:
@@ -81,12 +135,19 @@ def lattice_keep(cfg: ViTConfig, b: int, gen: torch.Generator) -> torch.Tensor:
     return keeps[torch.randint(0, groups, (b,), generator=gen)]
 
 
-def pretrain(data_dir: str, out: str, *, image_size: int = 192, epochs: int = 10, batch_size: int = 64,
+ARCH_KEYS = ("dim", "depth", "heads", "decoder_dim", "decoder_depth", "decoder_heads", "patch_size")
+
+
+def pretrain(data_dir: str, out: str, *, image_size: int = 256, epochs: int = 10, batch_size: int = 64,
              lr: float = 5e-4, weight_decay: float = 0.05, seed: int = 0, cache: str | None = None,
              splits: tuple[str, ...] = ("train",), init: str | None = None, threads: int | None = None,
              device: str = "cpu", max_minutes: float | None = None, command: str = "",
-             stop_after_epochs: int | None = None) -> Path:
-    """MAE-pretrain an encoder on every image of ``splits`` under ``data_dir``; write a bundle to ``out``."""
+             stop_after_epochs: int | None = None, arch: dict | None = None, gamma: float = 0.25) -> Path:
+    """MAE-pretrain an encoder on every image of ``splits`` under ``data_dir``; write a bundle to ``out``.
+
+    ``arch`` overrides :class:`ViTConfig` fields (dim, depth, heads, decoder_*). Images and
+    augmentation stay on ``device``; bf16 autocast on CUDA.
+    """
     from inference.bundle import load_mae, write_pretrained_bundle
 
     if threads:
@@ -97,16 +158,18 @@ def pretrain(data_dir: str, out: str, *, image_size: int = 192, epochs: int = 10
         mae, cfg, _ = load_mae(init)
         log.info("continuing from %s", init)
     else:
-        cfg = ViTConfig(image_size=image_size)
+        cfg = ViTConfig.from_dict({**ViTConfig().to_dict(), "image_size": image_size, **(arch or {})})
         mae = MAE(cfg)
+    log.info("encoder %s: %.2f M parameters (decoder %.2f M)", cfg.to_dict(),
+             sum(p.numel() for p in mae.encoder.parameters()) / 1e6,
+             sum(p.numel() for p in mae.decoder.parameters()) / 1e6)
     cache = cache or str(Path("/tmp") / f"msk-cache-{cfg.image_size}.npz")
     canvases, geos = D.build_cache(records, cfg.image_size, cache if cache != "none" else None)
-    means, stds = canvas_stats(canvases, geos)
-    black = torch.from_numpy(-means / stds)
+    images = DeviceImages(canvases, geos, device)
     mae.to(device).train()
     opt = torch.optim.AdamW(mae.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     n = len(records)
-    steps_per_epoch = n // batch_size
+    steps_per_epoch = max(1, n // batch_size)
     total = max(1, steps_per_epoch * epochs)
     warm = max(1, int(0.05 * total))
     gen = torch.Generator().manual_seed(seed)
@@ -115,33 +178,45 @@ def pretrain(data_dir: str, out: str, *, image_size: int = 192, epochs: int = 10
     step = 0
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=gen).numpy()
-        losses = []
+        loss_sum = torch.zeros((), device=device)
         for s in range(steps_per_epoch):
             idx = np.sort(perm[s * batch_size:(s + 1) * batch_size])
-            x = augment(to_input(canvases[idx], means[idx], stds[idx]), black[idx], gen)
+            x, black = images.batch(idx, gen, gamma)
+            x = augment(x, black, gen)
             keep = lattice_keep(cfg, len(idx), gen) if s % 4 == 3 else mae.random_keep(len(idx), gen)
             lr_now = lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
             for g in opt.param_groups:
                 g["lr"] = lr_now
-            loss = mae.loss(x.to(device), keep.to(device))
+            with autocast(device):
+                loss = mae.loss(x, keep.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(mae.parameters(), 1.0)
             opt.step()
-            losses.append(float(loss.detach()))
+            loss_sum += loss.detach().float()
             step += 1
-            if s % 20 == 0:
+            if s % 50 == 0:
                 log.info("epoch %d step %d/%d loss %.4f lr %.2e (%.0f s)", epoch, s, steps_per_epoch,
-                         np.mean(losses[-20:]), lr_now, time.time() - t0)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.time() - t0, 1)})
-        log.info("epoch %d mean loss %.4f", epoch, history[-1]["loss"])
-        write_pretrained_bundle(out, mae, cfg, training={
-            "command": command, "seed": seed, "epochs_done": epoch + 1, "epochs": epochs, "batch_size": batch_size,
-            "lr": lr, "weight_decay": weight_decay, "splits": list(splits), "images": n, "history": history,
-            "init": init})
-        if _stop_early(epoch, epochs, t0, max_minutes, stop_after_epochs):
+                         float(loss.detach()), lr_now, time.time() - t0)
+        history.append({"epoch": epoch, "loss": round(float(loss_sum) / steps_per_epoch, 5),
+                        "seconds": round(time.time() - t0, 1)})
+        log.info("epoch %d mean loss %.4f (%.0f s)", epoch, history[-1]["loss"], time.time() - t0)
+        last = epoch + 1 == epochs or _stop_early(epoch, epochs, t0, max_minutes, stop_after_epochs)
+        if last or (epoch + 1) % 10 == 0:
+            write_pretrained_bundle(out, mae, cfg, training={
+                "command": command, "seed": seed, "epochs_done": epoch + 1, "epochs": epochs,
+                "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "gamma": gamma,
+                "splits": list(splits), "images": n, "device": _device_name(device), "history": history,
+                "init": init, "data_pack": (D.pack_info(data_dir) or {}).get("command")})
+        if last:
             break
     return Path(out)
+
+
+def _device_name(device: str) -> str:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +225,7 @@ def pretrain(data_dir: str, out: str, *, image_size: int = 192, epochs: int = 10
 HEAD_DEFAULTS = {
     # name: (kind, labels, arch, source filter)
     "fracture": ("binary", ["absent", "present"], {"type": "attn+patch", "hidden": 256, "dropout": 0.3}),
-    "kl_grade": ("ordinal", list(D.KL_GRADES), {"type": "attn", "hidden": 256, "dropout": 0.3}),
+    "kl_grade": ("ordinal", list(D.KL_GRADES), {"type": "attn", "hidden": 256, "dropout": 0.3, "ordinal_weight": 1.0}),
     "anatomy": ("categorical", list(D.ANATOMY), {"type": "attn", "hidden": 256, "dropout": 0.3,
                                                  "geometry_augmentation": 1}),
     "view": ("categorical", list(D.VIEWS), {"type": "attn", "hidden": 256, "dropout": 0.3}),
@@ -168,7 +243,8 @@ def extract_tokens(mae: MAE, canvases: np.ndarray, means: np.ndarray, stds: np.n
     t0 = time.time()
     for s in range(0, len(canvases), batch_size):
         x = to_input(canvases[s:s + batch_size], means[s:s + batch_size], stds[s:s + batch_size])
-        out.append(mae.encoder(x.to(device)).to(torch.float16).cpu())
+        with autocast(device):
+            out.append(mae.encoder(x.to(device)).to(torch.float16).cpu())
         if (s // batch_size) % 20 == 0:
             log.info("embedded %d/%d (%.0f s)", s + len(x), len(canvases), time.time() - t0)
     return torch.cat(out)
@@ -182,6 +258,7 @@ class Embedded:
         from inference.bundle import load_mae
 
         self.mae, self.cfg, self.card = load_mae(bundle, device)
+        self.device = device
         self.records = records
         cache_dir = Path(cache_dir) if cache_dir else Path("/tmp")
         self.canvases, self.geos = D.build_cache(records, self.cfg.image_size,
@@ -234,7 +311,7 @@ def geometry_augmented_tokens(emb: "Embedded", idx: np.ndarray, seed: int) -> to
         canvases[k] = np.rint(c * 255).astype(np.uint8)
         geos.append(geo)
     means, stds = canvas_stats(canvases, geos)
-    return extract_tokens(emb.mae, canvases, means, stds)
+    return extract_tokens(emb.mae, canvases, means, stds, device=emb.device)
 
 
 def head_targets(name: str, records: list[D.Record]):
@@ -277,19 +354,23 @@ def patch_targets(records: list[D.Record], geos: list[Geometry], grid: int) -> t
     return tgt, usable
 
 
-def _loss(kind: str, out: dict, y: torch.Tensor, pos_weight: float | None = None) -> torch.Tensor:
-    logits = out["logits"]
+def _loss(kind: str, out: dict, y: torch.Tensor, pos_weight: float | None = None,
+          ordinal_weight: float = 0.25) -> torch.Tensor:
+    """binary: BCE; soft targets: cross-entropy; categorical: CE with label smoothing; ordinal: that CE
+    plus ``ordinal_weight`` x smooth-L1 between the expected grade and the true grade."""
+    logits = out["logits"].float()
+    y = y.to(logits.device)
     if kind == "binary":
-        pw = torch.tensor(pos_weight) if pos_weight else None
+        pw = torch.tensor(pos_weight, device=logits.device) if pos_weight else None
         return F.binary_cross_entropy_with_logits(logits[:, 0], y.float(), pos_weight=pw)
     if y.ndim == 2:  # soft targets (views)
         t = y.float() / y.float().sum(1, keepdim=True)
         return -(t * F.log_softmax(logits, 1)).sum(1).mean()
     ce = F.cross_entropy(logits, y.long(), label_smoothing=0.05)
     if kind == "ordinal":
-        grades = torch.arange(logits.shape[1], dtype=torch.float32)
+        grades = torch.arange(logits.shape[1], dtype=torch.float32, device=logits.device)
         expected = (torch.softmax(logits, 1) * grades).sum(1)
-        ce = ce + 0.25 * F.smooth_l1_loss(expected, y.float())
+        ce = ce + ordinal_weight * F.smooth_l1_loss(expected, y.float())
     return ce
 
 
@@ -312,27 +393,33 @@ def predict_tokens(head, kind: str, tokens: torch.Tensor, batch_size: int = 512)
     from inference.heads import probabilities
 
     head.eval()
+    device = next(head.parameters()).device
     ps, pm = [], []
     for s in range(0, len(tokens), batch_size):
-        out = head(tokens[s:s + batch_size].float())
-        ps.append(probabilities(kind, out["logits"]).numpy())
+        out = head(tokens[s:s + batch_size].to(device).float())
+        ps.append(probabilities(kind, out["logits"]).float().cpu().numpy())
         if "patch_logits" in out:
-            pm.append(torch.sigmoid(out["patch_logits"]).numpy())
+            pm.append(torch.sigmoid(out["patch_logits"]).float().cpu().numpy())
     return np.concatenate(ps), (np.concatenate(pm) if pm else None)
 
 
 def train_head(name: str, kind: str, labels: list[str], arch: dict, tokens: torch.Tensor, y: np.ndarray,
                dev_tokens: torch.Tensor, dev_y: np.ndarray, *, epochs: int = 40, lr: float = 1e-3,
                weight_decay: float = 0.05, batch_size: int = 128, seed: int = 0,
-               patch_y: np.ndarray | None = None, patch_ok: np.ndarray | None = None, patch_weight: float = 1.0):
-    """Train one head on frozen tokens; keep the epoch that scores best on the development split."""
+               patch_y: np.ndarray | None = None, patch_ok: np.ndarray | None = None, patch_weight: float = 1.0,
+               device: str = "cpu", dev_boxes: np.ndarray | None = None):
+    """Train one head on frozen tokens; keep the epoch that scores best on the development split.
+
+    ``dev_boxes`` (development images x patches, > 0 inside a fracture box, all 0 for images without
+    boxes): a head with a patch map then also scores by its localisation hit rate there (the share
+    of boxed images whose map peaks inside a box), so the epoch kept is good at both."""
     from inference.heads import build_head, n_outputs
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    head = build_head(arch, tokens.shape[-1], n_outputs(kind, labels))
+    head = build_head(arch, tokens.shape[-1], n_outputs(kind, labels)).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    yt = torch.from_numpy(np.asarray(y))
+    yt = torch.from_numpy(np.asarray(y)).to(device)
     pos_weight = None
     if kind == "binary":
         pos = float(np.mean(y))
@@ -349,16 +436,16 @@ def train_head(name: str, kind: str, labels: list[str], arch: dict, tokens: torc
             idx = perm[s * batch_size:(s + 1) * batch_size]
             if len(idx) == 0:
                 continue
-            tok = tokens[idx].float()
+            tok = tokens[idx].to(device).float()
             # token dropout: hide a random 20 % of the patch tokens (a cheap augmentation on frozen features)
-            keep = torch.rand(tok.shape[0], tok.shape[1] - 1, generator=gen) > 0.2
+            keep = (torch.rand(tok.shape[0], tok.shape[1] - 1, generator=gen) > 0.2).to(device)
             tok = torch.cat([tok[:, :1], tok[:, 1:] * keep[..., None]], 1)
             out = head(tok)
-            loss = _loss(kind, out, yt[idx], pos_weight)
+            loss = _loss(kind, out, yt[idx.to(device)], pos_weight, float(arch.get("ordinal_weight", 0.25)))
             if patch_y is not None and "patch_logits" in out:
-                ok = torch.from_numpy(patch_ok[idx.numpy()])
+                ok = torch.from_numpy(patch_ok[idx.numpy()]).to(device)
                 if ok.any():
-                    pt = torch.from_numpy(patch_y[idx.numpy()])[ok]
+                    pt = torch.from_numpy(patch_y[idx.numpy()]).to(device)[ok]
                     pl = out["patch_logits"][ok]
                     w = torch.where(pt > 0, 8.0, 1.0)
                     loss = loss + patch_weight * (F.binary_cross_entropy_with_logits(pl, pt, reduction="none") * w).mean()
@@ -373,13 +460,18 @@ def train_head(name: str, kind: str, labels: list[str], arch: dict, tokens: torc
             best, best_state = float("nan"), {k: v.detach().clone() for k, v in head.state_dict().items()}
             history.append({"epoch": epoch})
             continue
-        p, _ = predict_tokens(head, kind, dev_tokens)
+        p, maps = predict_tokens(head, kind, dev_tokens)
         sc = score(kind, np.asarray(dev_y), p)
+        if dev_boxes is not None and maps is not None:
+            boxed = dev_boxes.max(1) > 0
+            if boxed.any():
+                peak = maps[boxed].argmax(1)
+                sc += float(np.mean(dev_boxes[boxed][np.arange(len(peak)), peak] > 0))
         history.append({"epoch": epoch, "dev_score": round(sc, 4)})
         if sc > best:
             best, best_state = sc, {k: v.detach().clone() for k, v in head.state_dict().items()}
     head.load_state_dict(best_state)
-    head.eval()
+    head.cpu().eval()
     best_epoch = (int(np.argmax([h["dev_score"] for h in history])) if dev_tokens is not None
                   else len(history) - 1)
     return head, {"dev_score": best, "best_epoch": best_epoch, "history": history}
@@ -423,7 +515,7 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
              lr: float = 1e-3) -> dict:
     """Train head ``name`` on ``emb``'s train split; thresholds and metrics on its val split."""
     d_kind, d_labels, d_arch = HEAD_DEFAULTS.get(name, ("binary", ["absent", "present"], {"type": "linear"}))
-    kind, labels, arch = kind or d_kind, labels or d_labels, dict(arch or d_arch)
+    kind, labels, arch = kind or d_kind, labels or d_labels, {**d_arch, **(arch or {})}
     usable, target = head_targets(name, emb.records)
     tr_all = emb.index("train", usable)
     va = emb.index("val", usable)
@@ -450,9 +542,29 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
         log.info("re-framing %d training images for head %s (copy %d)", len(tr), name, copy + 1)
         train_tokens = torch.cat([train_tokens, geometry_augmented_tokens(emb, tr, seed + 1000 * (copy + 1))])
         train_y = np.concatenate([train_y, ys(tr)])
-    head, info = train_head(name, kind, labels, arch, train_tokens, train_y,
-                            emb.tokens[dev] if dev is not None else None, ys(dev) if dev is not None else None,
-                            epochs=epochs, seed=seed, patch_y=patch_y, patch_ok=patch_ok, lr=lr)
+    dev_boxes = None
+    if arch.get("type") == "attn+patch" and dev is not None:
+        dev_boxes, _ = patch_targets([emb.records[i] for i in dev], [emb.geos[i] for i in dev], emb.cfg.grid)
+    members = int(arch.get("members", 1))
+    fits = [train_head(name, kind, labels, {**arch, "members": 1}, train_tokens, train_y,
+                       emb.tokens[dev] if dev is not None else None, ys(dev) if dev is not None else None,
+                       epochs=epochs, seed=seed + k, patch_y=patch_y, patch_ok=patch_ok, lr=lr, device=emb.device,
+                       dev_boxes=dev_boxes)
+            for k in range(members)]
+    if members == 1:
+        head, info = fits[0]
+    else:  # an ensemble of heads trained with seeds seed .. seed+members-1, each picking its own epoch
+        from inference.heads import EnsembleHead
+
+        head = EnsembleHead([h for h, _ in fits]).eval()
+        info = {"best_epoch": [i["best_epoch"] for i in fits], "member_dev_scores": [i["dev_score"] for i in fits],
+                "history": [i["history"] for i in fits], "dev_score": float("nan")}
+        if dev is not None:
+            p, _ = predict_tokens(head, kind, emb.tokens[dev])
+            info["dev_score"] = score(kind, ys(dev), p)
+    from inference.bundle import half
+
+    head.load_state_dict(half(head.state_dict()))  # as it will be stored and loaded: thresholds fit those weights
     result = {"head": head, "kind": kind, "labels": labels, "arch": arch, "train_images": int(len(tr)),
               "dev_images": int(len(dev)) if dev is not None else 0, "val_images": int(len(va)), "selection": info}
     if len(va):
@@ -465,12 +577,12 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
 
 def save_head(bundle: str | Path, name: str, fit: dict, command: str = "", extra: dict | None = None) -> None:
     """Write the head's weights and its card entry into ``bundle``."""
-    from inference.bundle import CONCEPTS, LABEL_CONCEPTS, read_metadata, save_tensors, write_metadata
+    from inference.bundle import CONCEPTS, LABEL_CONCEPTS, _now, half, read_metadata, save_tensors, write_metadata
 
     bundle = Path(bundle)
     meta = read_metadata(bundle)
     rel = f"models/heads/{name}.safetensors"
-    save_tensors(bundle, rel, fit["head"].state_dict(), meta)
+    save_tensors(bundle, rel, half(fit["head"].state_dict()), meta)
     entry = {"kind": fit["kind"], "labels": list(fit["labels"]), "weights": rel, "arch": fit["arch"]}
     if name in CONCEPTS:
         entry["concept"] = CONCEPTS[name]
@@ -489,7 +601,8 @@ def save_head(bundle: str | Path, name: str, fit: dict, command: str = "", extra
     entry["training"] = {"command": command, "train_images": fit["train_images"], "dev_images": fit["dev_images"],
                          "val_images": fit["val_images"], "best_epoch": fit["selection"]["best_epoch"],
                          "dev_score": (None if math.isnan(fit["selection"]["dev_score"])
-                                       else round(fit["selection"]["dev_score"], 4)), **(extra or {})}
+                                       else round(fit["selection"]["dev_score"], 4)), "fitted": _now(),
+                         **(extra or {})}
     meta["msk_node"]["heads"][name] = entry
     write_metadata(bundle, meta)
 
@@ -508,8 +621,8 @@ def fit_anomaly(emb: Embedded, bundle: str | Path, groups: int = 4, passes: tupl
     errs = []
     for s in range(0, len(normal), 64):
         idx = normal[s:s + 64]
-        x = to_input(emb.canvases[idx], emb.means[idx], emb.stds[idx])
-        errs.append(reconstruction_error(emb.mae, x, groups, passes).numpy())
+        x = to_input(emb.canvases[idx], emb.means[idx], emb.stds[idx]).to(emb.device)
+        errs.append(reconstruction_error(emb.mae, x, groups, passes).float().cpu().numpy())
     errs = np.concatenate(errs)
     from inference.anomaly import coverage
 
@@ -540,13 +653,18 @@ ADAPT_HEADS = ("fracture", "kl_grade", "anatomy", "view")
 def adapt(init: str, data_dir: str, out: str, *, epochs: int = 3, batch_size: int = 48, lr: float = 2e-4,
           head_lr: float = 1e-3, mae_weight: float = 1.0, seed: int = 0, cache: str | None = None,
           threads: int | None = None, device: str = "cpu", max_minutes: float | None = None,
-          command: str = "", stop_after_epochs: int | None = None) -> Path:
+          command: str = "", stop_after_epochs: int | None = None, gamma: float = 0.25,
+          augment_strength: float = 1.0, head_weights: dict[str, float] | None = None) -> Path:
     """Fine-tune the MAE encoder on the training labels (fracture with boxes, KL grade, anatomy, view)
     while keeping the MAE reconstruction loss, so that the decoder (anomaly maps) stays valid.
 
-    The auxiliary heads used here are discarded; ``fit-heads`` trains the shipped heads on the
-    adapted encoder's frozen embeddings. The ``hardware`` label is never used, so the label-
-    efficiency experiment on it measures transfer to an unseen task.
+    The development split (the same 10 % of train by hash that ``fit-heads`` selects its epochs on)
+    is held out: after every epoch the temporary heads are scored on it and the encoder of the best
+    epoch is what ``out`` keeps. Images are augmented (flip, scale, shift, rotation, gamma) and the
+    fracture boxes' patch targets are warped with their image. The temporary heads are discarded;
+    ``fit-heads`` trains the shipped heads on the adapted encoder's frozen embeddings. The
+    ``hardware`` label is never used, so the label-efficiency experiment on it measures transfer
+    to an unseen task.
     """
     from inference.bundle import load_mae, write_pretrained_bundle
     from inference.heads import build_head, n_outputs
@@ -558,7 +676,8 @@ def adapt(init: str, data_dir: str, out: str, *, epochs: int = 3, batch_size: in
     records = [r for r in D.read_layout(data_dir) if r.split == "train"]
     cache = cache or str(Path("/tmp") / f"msk-cache-{cfg.image_size}.npz")
     canvases, geos = D.build_cache(records, cfg.image_size, cache)
-    means, stds = canvas_stats(canvases, geos)
+    images = DeviceImages(canvases, geos, device)
+    train_idx, dev_idx = dev_split(np.arange(len(records)), records)
 
     heads = torch.nn.ModuleDict()
     targets = {}
@@ -570,50 +689,58 @@ def adapt(init: str, data_dir: str, out: str, *, epochs: int = 3, batch_size: in
         y = np.array([target(r) if usable(r) else (0, 0, 0) if name == "view" else 0 for r in records])
         targets[name] = (kind, ok, y)
     pt, pok = patch_targets(records, geos, cfg.grid)
+    pt_dev = torch.from_numpy(pt).to(device)
+    weights = {name: float((head_weights or {}).get(name, 1.0)) for name in ADAPT_HEADS}
     mae.train()
     heads.to(device).train()
     opt = torch.optim.AdamW([{"params": mae.parameters(), "lr": lr}, {"params": heads.parameters(), "lr": head_lr}],
                             betas=(0.9, 0.95), weight_decay=0.05)
     base = [lr, head_lr]
-    n = len(records)
-    steps_per_epoch = n // batch_size
+    n = len(train_idx)
+    steps_per_epoch = max(1, n // batch_size)
     total = max(1, steps_per_epoch * epochs)
     warm = max(1, int(0.05 * total))
     gen = torch.Generator().manual_seed(seed)
     frac_pos = float(np.mean([r.fractured for r in records if r.fractured >= 0]))
     history, t0, step = [], time.time(), 0
+    best_score, best_epoch = -1e9, -1
+    pre = dict(card.meta["msk_node"]["training"].get("pretrain", {}))
+    earlier = pre.get("adapt_stages") or ([pre["adapt"]] if pre.get("adapt") else [])
     for epoch in range(epochs):
-        perm = torch.randperm(n, generator=gen).numpy()
-        losses = []
+        mae.train()
+        heads.train()
+        perm = train_idx[torch.randperm(n, generator=gen).numpy()]
+        loss_sum = torch.zeros((), device=device)
         for s in range(steps_per_epoch):
             idx = np.sort(perm[s * batch_size:(s + 1) * batch_size])
-            x = to_input(canvases[idx], means[idx], stds[idx])
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            # mild intensity augmentation (gamma-like), same for MAE and supervised passes
-            x = x * (1 + 0.1 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5))
-            x = x.to(device)
-            tokens = mae.encoder(x)
-            loss = torch.zeros((), device=device)
-            for name, head in heads.items():
-                kind, ok, y = targets[name]
-                sel = torch.from_numpy(ok[idx])
-                if not sel.any():
-                    continue
-                ho = head(tokens[sel])
-                yy = torch.from_numpy(y[idx])[sel]
-                loss = loss + _loss(kind, ho, yy, (1 - frac_pos) / frac_pos if name == "fracture" else None)
-                if name == "fracture":
-                    pts = torch.from_numpy(pt[idx]).view(len(idx), cfg.grid, cfg.grid)
-                    pts = torch.where(flip[:, None, None], pts.flip(-1), pts).view(len(idx), -1)[sel]
-                    pk = torch.from_numpy(pok[idx])[sel]
-                    if pk.any():
-                        w = torch.where(pts[pk] > 0, 8.0, 1.0)
-                        loss = loss + (F.binary_cross_entropy_with_logits(ho["patch_logits"][pk], pts[pk],
-                                                                          reduction="none") * w).mean()
-            if mae_weight:
-                keep = lattice_keep(cfg, len(idx), gen) if s % 4 == 3 else mae.random_keep(len(idx), gen)
-                loss = loss + mae_weight * mae.loss(x, keep.to(device))
+            x, black = images.batch(idx, gen, gamma)
+            theta = augment_params(len(idx), gen, augment_strength)
+            x = warp(x, theta, black)
+            pts = warp(pt_dev[torch.from_numpy(idx).to(device)].view(len(idx), 1, cfg.grid, cfg.grid), theta)
+            pts = pts.view(len(idx), -1).clamp(0, 1)
+            with autocast(device):
+                tokens = mae.encoder(x)
+                loss = torch.zeros((), device=device)
+                for name, head in heads.items():
+                    kind, ok, y = targets[name]
+                    sel = torch.from_numpy(ok[idx]).to(device)
+                    if not bool(ok[idx].any()):
+                        continue
+                    ho = head(tokens[sel])
+                    yy = torch.from_numpy(y[idx]).to(device)[sel]
+                    loss = loss + weights[name] * _loss(kind, ho, yy, (1 - frac_pos) / frac_pos if name == "fracture"
+                                                        else None, float(HEAD_DEFAULTS[name][2].get("ordinal_weight", 0.25)))
+                    if name == "fracture":
+                        pk_np = pok[idx][ok[idx]]
+                        if pk_np.any():
+                            pk = torch.from_numpy(pk_np).to(device)
+                            tgt = pts[sel][pk]
+                            w = torch.where(tgt > 0.05, 8.0, 1.0)
+                            loss = loss + (F.binary_cross_entropy_with_logits(
+                                ho["patch_logits"].float()[pk], tgt, reduction="none") * w).mean()
+                if mae_weight:
+                    keep = lattice_keep(cfg, len(idx), gen) if s % 4 == 3 else mae.random_keep(len(idx), gen)
+                    loss = loss + mae_weight * mae.loss(x, keep.to(device)).float()
             f = min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
             for g, b in zip(opt.param_groups, base):
                 g["lr"] = b * f
@@ -621,18 +748,64 @@ def adapt(init: str, data_dir: str, out: str, *, epochs: int = 3, batch_size: in
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(mae.parameters()) + list(heads.parameters()), 1.0)
             opt.step()
-            losses.append(float(loss.detach()))
+            loss_sum += loss.detach().float()
             step += 1
-            if s % 20 == 0:
-                log.info("adapt epoch %d step %d/%d loss %.4f (%.0f s)", epoch, s, steps_per_epoch,
-                         np.mean(losses[-20:]), time.time() - t0)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.time() - t0, 1)})
-        pre = dict(card.meta["msk_node"]["training"].get("pretrain", {}))
-        stage = {"command": command, "init": str(init), "seed": seed, "epochs_done": epoch + 1, "epochs": epochs,
-                 "batch_size": batch_size, "lr": lr, "head_lr": head_lr, "mae_weight": mae_weight,
-                 "labels": list(ADAPT_HEADS), "history": history}
-        earlier = pre.get("adapt_stages") or ([pre["adapt"]] if pre.get("adapt") else [])
-        write_pretrained_bundle(out, mae, cfg, training={**pre, "adapt": stage, "adapt_stages": earlier + [stage]})
-        if _stop_early(epoch, epochs, t0, max_minutes, stop_after_epochs):
+            if s % 50 == 0:
+                log.info("adapt epoch %d step %d/%d loss %.4f (%.0f s)", epoch, s, steps_per_epoch, float(loss.detach()),
+                         time.time() - t0)
+        dev = _adapt_dev_scores(mae, heads, images, dev_idx, targets, device)
+        history.append({"epoch": epoch, "loss": round(float(loss_sum) / steps_per_epoch, 5),
+                        "dev": {k: round(v, 4) for k, v in dev.items()}, "seconds": round(time.time() - t0, 1)})
+        log.info("adapt epoch %d loss %.4f dev %s (%.0f s)", epoch, history[-1]["loss"], history[-1]["dev"],
+                 time.time() - t0)
+        stop = epoch + 1 == epochs or _stop_early(epoch, epochs, t0, max_minutes, stop_after_epochs)
+        if dev["score"] > best_score:
+            best_score, best_epoch = dev["score"], epoch
+            stage = {"command": command, "init": str(init), "seed": seed, "epochs_done": epoch + 1, "epochs": epochs,
+                     "batch_size": batch_size, "lr": lr, "head_lr": head_lr, "mae_weight": mae_weight,
+                     "gamma": gamma, "augment_strength": augment_strength, "labels": list(ADAPT_HEADS),
+                     "head_weights": weights,
+                     "device": _device_name(device), "train_images": int(n), "dev_images": int(len(dev_idx)),
+                     "best_epoch": best_epoch, "dev_score": round(best_score, 4), "history": history}
+            write_pretrained_bundle(out, mae, cfg, training={**pre, "adapt": stage, "adapt_stages": earlier + [stage]})
+        else:  # keep the best epoch's weights; only the history grows
+            from inference.bundle import read_metadata, write_metadata
+
+            meta = read_metadata(out)
+            tr = meta["msk_node"]["training"]["pretrain"]
+            for stage in (tr["adapt"], tr["adapt_stages"][-1]):
+                stage["history"], stage["epochs_done"] = history, epoch + 1
+            write_metadata(out, meta)
+        if stop:
             break
     return Path(out)
+
+
+@torch.no_grad()
+def _adapt_dev_scores(mae: MAE, heads, images: DeviceImages, dev_idx: np.ndarray, targets: dict, device: str,
+                      batch_size: int = 256) -> dict[str, float]:
+    """Scores of the temporary heads on the development images; ``score``: their mean (fracture AUROC,
+    KL accuracy and kappa averaged, anatomy accuracy, view agreement)."""
+    mae.eval()
+    heads.eval()
+    probs = {name: [] for name in heads}
+    for s in range(0, len(dev_idx), batch_size):
+        idx = dev_idx[s:s + batch_size]
+        x, _ = images.batch(idx)
+        with autocast(device):
+            tokens = mae.encoder(x)
+            for name, head in heads.items():
+                from inference.heads import probabilities
+
+                probs[name].append(probabilities(targets[name][0], head(tokens)["logits"].float()).cpu().numpy())
+    out = {}
+    for name in heads:
+        kind, ok, y = targets[name]
+        sel = ok[dev_idx]
+        if not sel.any():
+            continue
+        p = np.concatenate(probs[name])[sel]
+        sc = score(kind, y[dev_idx][sel], p)
+        out[name] = sc / 2 if kind == "ordinal" else sc
+    out["score"] = float(np.mean(list(out.values()))) if out else 0.0
+    return out

@@ -19,15 +19,15 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class ViTConfig:
-    image_size: int = 192
+    image_size: int = 256
     patch_size: int = 16
-    dim: int = 192
-    depth: int = 6
-    heads: int = 3
+    dim: int = 256
+    depth: int = 8
+    heads: int = 4
     mlp_ratio: float = 4.0
-    decoder_dim: int = 128
-    decoder_depth: int = 2
-    decoder_heads: int = 4
+    decoder_dim: int = 192
+    decoder_depth: int = 3
+    decoder_heads: int = 6
     mask_ratio: float = 0.75
 
     @property
@@ -132,7 +132,7 @@ class Decoder(nn.Module):
         b = tokens.shape[0]
         n = self.cfg.num_patches
         v = self.embed(tokens[:, 1:])
-        full = self.mask_token.expand(b, n, -1).clone()
+        full = self.mask_token.expand(b, n, -1).to(v.dtype).clone()
         full.scatter_(1, keep[..., None].expand(-1, -1, v.shape[-1]), v)
         t = full + self.pos
         t = torch.cat([self.embed(tokens[:, :1]), t], dim=1)

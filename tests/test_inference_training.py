@@ -1,0 +1,121 @@
+"""The training commands end to end on a small real sample, on CPU with a tiny architecture:
+``pack-data`` -> ``pretrain`` (MAE) -> ``pretrain --supervised-epochs`` (adaptation) -> ``fit-heads`` ->
+a bundle that loads, verifies and infers. Plus the pieces the GPU run relies on: the device-side
+batches standardise like inference does, and a box's patch targets move with their image.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+
+from dicom_node.cli import main
+from inference import load_bundle
+from inference.preprocess import canvas_uint8
+from tests.test_inference_model import DATA, needs_data
+
+TINY = ["--image-size", "64", "--dim", "32", "--depth", "2", "--heads", "2", "--decoder-dim", "32",
+        "--decoder-depth", "1", "--decoder-heads", "2"]
+
+
+@needs_data
+def test_pack_pretrain_adapt_fit_heads_infer(tmp_path):
+    data = tmp_path / "data"
+    assert main(["model", "pack-data", "--data", str(DATA), "--out", str(data), "--sample", "60"]) == 0
+    pack = json.loads((data / "pack.json").read_text())
+    assert pack["fracatlas"] == 60 and pack["knee"] == 60 and pack["sample"] == 60 and pack["long_side"] == 384
+    assert all(p.suffix == ".webp" for p in (data / "fracatlas" / "images").iterdir())
+
+    pre, ad = tmp_path / "pre", tmp_path / "adapted"
+    cache = str(tmp_path / "cache.npz")
+    assert main(["model", "pretrain", "--data", str(data), "--out", str(pre), "--epochs", "2", "--batch-size", "16",
+                 "--cache", cache, "--threads", "2", *TINY]) == 0
+    meta = json.loads((pre / "configs" / "metadata.json").read_text())
+    tr = meta["msk_node"]["training"]["pretrain"]
+    assert tr["epochs_done"] == 2 and tr["data_pack"] == pack["command"]
+    assert meta["msk_node"]["architecture"]["config"]["dim"] == 32
+
+    assert main(["model", "pretrain", "--init", str(pre), "--supervised-epochs", "2", "--batch-size", "16",
+                 "--head-weight", "kl_grade=2",
+                 "--data", str(data), "--out", str(ad), "--cache", cache, "--threads", "2"]) == 0
+    stage = json.loads((ad / "configs" / "metadata.json").read_text())["msk_node"]["training"]["pretrain"]["adapt"]
+    assert len(stage["history"]) == 2 and stage["dev_images"] > 0
+    assert stage["best_epoch"] in (0, 1) and "score" in stage["history"][0]["dev"]
+    assert stage["epochs_done"] == 2  # also when the last epoch was not the best
+
+    assert main(["model", "fit-heads", "--bundle", str(ad), "--data", str(data), "--head", "fracture",
+                 "--head", "kl_grade", "--head", "anatomy", "--head", "anomaly", "--epochs", "2",
+                 "--arch", "ordinal_weight=1.0", "--cache-dir", str(tmp_path), "--threads", "2"]) == 0
+    model = load_bundle(ad, "cpu")
+    assert model.card.heads["kl_grade"].arch["ordinal_weight"] == 1.0
+    assert {"fracture", "kl_grade", "anatomy"} <= set(model.heads)
+    # weights are stored as float16 and come back as the model's float32
+    assert all(p.dtype == torch.float32 for p in model.mae.parameters())
+    res, = model.predict_datasets([pydicom.dcmread(get_testdata_file("RG3_J2KI.dcm"))])
+    assert res.processed and 0 <= res.fracture.probability <= 1
+    assert res.anomaly_map is not None and res.anomaly_map.shape == (res.rows, res.columns)
+
+
+def test_device_batches_standardise_like_inference():
+    from inference.preprocess import prepare
+    from inference.training import DeviceImages
+
+    rng = np.random.default_rng(0)
+    img = (rng.random((90, 50)) * 200 + 20).astype(np.uint8)
+    canvas, geo = canvas_uint8(img, 64)
+    x, black = DeviceImages(canvas[None], [geo]).batch([0])
+    want, _ = prepare(img, 64)
+    assert x.shape == (1, 1, 64, 64)
+    np.testing.assert_allclose(x[0, 0].numpy(), want, atol=0.05)
+    assert float(black[0]) == pytest.approx(float(want[0, 0]), abs=0.05)  # the padding
+
+
+def test_patch_targets_move_with_their_image():
+    from inference.training import augment_params, warp
+
+    gen = torch.Generator().manual_seed(3)
+    theta = augment_params(4, gen)
+    img = torch.zeros(4, 1, 64, 64)
+    img[:, :, 8:24, 40:56] = 1.0  # a bright square = a "box" of 1x1 patches at grid 4 (16 px patches)
+    tgt = torch.zeros(4, 1, 4, 4)
+    tgt[:, :, 0:2, 2:4] = 1.0
+    wi, wt = warp(img, theta), warp(tgt, theta)
+    for b in range(4):
+        centre_img = torch.nonzero(wi[b, 0] > 0.5).float().mean(0) / 64
+        centre_tgt = (torch.nonzero(wt[b, 0] > 0.5).float().mean(0) + 0.5) / 4
+        assert torch.allclose(centre_img, centre_tgt, atol=0.15), (b, centre_img, centre_tgt)
+
+
+def test_pretrain_help_lists_the_architecture_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["model", "pretrain", "--help"])
+    out = capsys.readouterr().out
+    for opt in ("--dim", "--depth", "--decoder-dim", "--gamma", "--mae-weight"):
+        assert opt in out
+    assert Path(DATA).name == "msk-xray"
+
+
+def test_ensemble_head_averages_member_probabilities():
+    from inference.heads import build_head, probabilities
+
+    torch.manual_seed(0)
+    tokens = torch.randn(5, 17, 32)
+    for kind, n_out, arch in (("ordinal", 5, {"type": "attn", "hidden": 16}),
+                              ("binary", 1, {"type": "attn+patch", "hidden": 16, "patch_hidden": 8})):
+        ens = build_head({**arch, "members": 3}, 32, n_out).eval()
+        out = ens(tokens)
+        members = [m(tokens) for m in ens.members]
+        want = torch.stack([probabilities(kind, o["logits"]) for o in members]).mean(0)
+        torch.testing.assert_close(probabilities(kind, out["logits"]), want, atol=1e-5, rtol=1e-4)
+        if "patch_logits" in out:
+            want_map = torch.stack([torch.sigmoid(o["patch_logits"]) for o in members]).mean(0)
+            torch.testing.assert_close(torch.sigmoid(out["patch_logits"]), want_map, atol=1e-5, rtol=1e-4)
+        # it saves and loads as one head
+        again = build_head({**arch, "members": 3}, 32, n_out)
+        again.load_state_dict(ens.state_dict())
