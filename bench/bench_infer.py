@@ -85,9 +85,10 @@ def main() -> int:
         sync()
 
     @torch.no_grad()
-    def encoder():
-        for s in range(0, n, args.batch):
-            model.mae.encoder(x[s:s + args.batch])
+    def encoder(bf16: bool = False):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            for s in range(0, n, args.batch):
+                model.mae.encoder(x[s:s + args.batch])
         sync()
 
     toks = [model.tokens(x[s:s + args.batch]) for s in range(0, n, args.batch)]
@@ -107,13 +108,6 @@ def main() -> int:
             reconstruction_error(model.mae, x[s:s + args.batch], groups, passes)
         sync()
 
-    @torch.no_grad()
-    def encoder_bf16():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            for s in range(0, n, args.batch):
-                model.mae.encoder(x[s:s + args.batch])
-        sync()
-
     t_e2e = timed(end_to_end, args.repeats)
     t_arr = timed(arrays, args.repeats)
     t_enc = timed(encoder, args.repeats)
@@ -126,7 +120,7 @@ def main() -> int:
     print(f"end to end, pixels already decoded:    {n / t_arr:8.1f} images/s")
     print(f"bare encoder forward (same images):    {n / t_enc:8.1f} images/s")
     if dev.startswith("cuda"):
-        t_bf16 = timed(encoder_bf16, args.repeats)
+        t_bf16 = timed(lambda: encoder(bf16=True), args.repeats)
         print(f"bare encoder forward, bf16 autocast:   {n / t_bf16:8.1f} images/s  (x{t_enc / t_bf16:.2f} over fp32)")
     print(f"ratio end-to-end / bare encoder:       {t_enc / t_e2e:8.3f}  (bare encoder is {t_e2e / t_enc:.1f}x faster)")
     print(f"ratio decoded-pixels / bare encoder:   {t_enc / t_arr:8.3f}  (bare encoder is {t_arr / t_enc:.1f}x faster)")

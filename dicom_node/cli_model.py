@@ -26,17 +26,25 @@ def _threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _weights(items) -> dict[str, float]:
+def _key_values(items, option: str, convert, expected: str) -> dict:
+    """``KEY=VALUE`` options (repeatable) -> {KEY: convert(VALUE)}; a malformed one exits naming ``option``."""
     out = {}
     for item in items or []:
-        name, sep, value = item.partition("=")
+        key, sep, value = item.partition("=")
         try:
-            out[name] = float(value)
+            if not sep:
+                raise ValueError
+            out[key] = convert(value)
         except ValueError:
-            raise SystemExit(f"--head-weight {item!r}: expected NAME=NUMBER") from None
-        if not sep:
-            raise SystemExit(f"--head-weight {item!r}: expected NAME=NUMBER")
+            raise SystemExit(f"{option} {item!r}: expected {expected}") from None
     return out
+
+
+def _json_or_text(value: str):
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def cmd_pretrain(args) -> int:
@@ -50,7 +58,8 @@ def cmd_pretrain(args) -> int:
                     cache=args.cache, threads=args.threads, device=args.device, max_minutes=args.max_minutes,
                     command=_command_line(), lr=args.lr if args.lr is not None else 2e-4,
                     batch_size=args.batch_size, mae_weight=args.mae_weight, gamma=args.gamma,
-                    stop_after_epochs=args.stop_after_epochs, head_weights=_weights(args.head_weight))
+                    stop_after_epochs=args.stop_after_epochs,
+                    head_weights=_key_values(args.head_weight, "--head-weight", float, "NAME=NUMBER"))
         print(f"adapted encoder written to {out}")
         return 0
     arch = {k: getattr(args, k) for k in ("dim", "depth", "heads", "decoder_dim", "decoder_depth", "decoder_heads")
@@ -124,15 +133,7 @@ def cmd_fit_heads(args) -> int:
         kind = labels = None
     else:
         raise SystemExit("give --data DIR (msk-xray layout) or --labels CSV")
-    arch = {}
-    for item in args.arch or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--arch {item!r}: expected KEY=VALUE")
-        try:
-            arch[key] = json.loads(value)
-        except ValueError:
-            arch[key] = value
+    arch = _key_values(args.arch, "--arch", _json_or_text, "KEY=VALUE")
     emb = Embedded(args.bundle, records, args.cache_dir, device=args.device)
     for name in args.head:
         if name == "anomaly":

@@ -135,9 +135,6 @@ def lattice_keep(cfg: ViTConfig, b: int, gen: torch.Generator) -> torch.Tensor:
     return keeps[torch.randint(0, groups, (b,), generator=gen)]
 
 
-ARCH_KEYS = ("dim", "depth", "heads", "decoder_dim", "decoder_depth", "decoder_heads", "patch_size")
-
-
 def pretrain(data_dir: str, out: str, *, image_size: int = 256, epochs: int = 10, batch_size: int = 64,
              lr: float = 5e-4, weight_decay: float = 0.05, seed: int = 0, cache: str | None = None,
              splits: tuple[str, ...] = ("train",), init: str | None = None, threads: int | None = None,
@@ -403,6 +400,19 @@ def predict_tokens(head, kind: str, tokens: torch.Tensor, batch_size: int = 512)
     return np.concatenate(ps), (np.concatenate(pm) if pm else None)
 
 
+def selection_score(head, kind: str, tokens: torch.Tensor, y: np.ndarray, boxes: np.ndarray | None = None) -> float:
+    """:func:`score` of ``head`` on development ``tokens``; with ``boxes`` (images x patches, > 0 inside a
+    fracture box) and a patch map, plus the map's hit rate: the share of boxed images whose map peaks in a box."""
+    p, maps = predict_tokens(head, kind, tokens)
+    sc = score(kind, np.asarray(y), p)
+    if boxes is not None and maps is not None:
+        boxed = boxes.max(1) > 0
+        if boxed.any():
+            peak = maps[boxed].argmax(1)
+            sc += float(np.mean(boxes[boxed][np.arange(len(peak)), peak] > 0))
+    return sc
+
+
 def train_head(name: str, kind: str, labels: list[str], arch: dict, tokens: torch.Tensor, y: np.ndarray,
                dev_tokens: torch.Tensor, dev_y: np.ndarray, *, epochs: int = 40, lr: float = 1e-3,
                weight_decay: float = 0.05, batch_size: int = 128, seed: int = 0,
@@ -460,13 +470,7 @@ def train_head(name: str, kind: str, labels: list[str], arch: dict, tokens: torc
             best, best_state = float("nan"), {k: v.detach().clone() for k, v in head.state_dict().items()}
             history.append({"epoch": epoch})
             continue
-        p, maps = predict_tokens(head, kind, dev_tokens)
-        sc = score(kind, np.asarray(dev_y), p)
-        if dev_boxes is not None and maps is not None:
-            boxed = dev_boxes.max(1) > 0
-            if boxed.any():
-                peak = maps[boxed].argmax(1)
-                sc += float(np.mean(dev_boxes[boxed][np.arange(len(peak)), peak] > 0))
+        sc = selection_score(head, kind, dev_tokens, dev_y, dev_boxes)
         history.append({"epoch": epoch, "dev_score": round(sc, 4)})
         if sc > best:
             best, best_state = sc, {k: v.detach().clone() for k, v in head.state_dict().items()}
@@ -560,8 +564,7 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
         info = {"best_epoch": [i["best_epoch"] for i in fits], "member_dev_scores": [i["dev_score"] for i in fits],
                 "history": [i["history"] for i in fits], "dev_score": float("nan")}
         if dev is not None:
-            p, _ = predict_tokens(head, kind, emb.tokens[dev])
-            info["dev_score"] = score(kind, ys(dev), p)
+            info["dev_score"] = selection_score(head, kind, emb.tokens[dev], ys(dev), dev_boxes)
     from inference.bundle import half
 
     head.load_state_dict(half(head.state_dict()))  # as it will be stored and loaded: thresholds fit those weights
@@ -666,7 +669,7 @@ def adapt(init: str, data_dir: str, out: str, *, epochs: int = 3, batch_size: in
     ``hardware`` label is never used, so the label-efficiency experiment on it measures transfer
     to an unseen task.
     """
-    from inference.bundle import load_mae, write_pretrained_bundle
+    from inference.bundle import load_mae, read_metadata, write_metadata, write_pretrained_bundle
     from inference.heads import build_head, n_outputs
 
     if threads:
@@ -769,8 +772,6 @@ def adapt(init: str, data_dir: str, out: str, *, epochs: int = 3, batch_size: in
                      "best_epoch": best_epoch, "dev_score": round(best_score, 4), "history": history}
             write_pretrained_bundle(out, mae, cfg, training={**pre, "adapt": stage, "adapt_stages": earlier + [stage]})
         else:  # keep the best epoch's weights; only the history grows
-            from inference.bundle import read_metadata, write_metadata
-
             meta = read_metadata(out)
             tr = meta["msk_node"]["training"]["pretrain"]
             for stage in (tr["adapt"], tr["adapt_stages"][-1]):
@@ -786,6 +787,8 @@ def _adapt_dev_scores(mae: MAE, heads, images: DeviceImages, dev_idx: np.ndarray
                       batch_size: int = 256) -> dict[str, float]:
     """Scores of the temporary heads on the development images; ``score``: their mean (fracture AUROC,
     KL accuracy and kappa averaged, anatomy accuracy, view agreement)."""
+    from inference.heads import probabilities
+
     mae.eval()
     heads.eval()
     probs = {name: [] for name in heads}
@@ -795,8 +798,6 @@ def _adapt_dev_scores(mae: MAE, heads, images: DeviceImages, dev_idx: np.ndarray
         with autocast(device):
             tokens = mae.encoder(x)
             for name, head in heads.items():
-                from inference.heads import probabilities
-
                 probs[name].append(probabilities(targets[name][0], head(tokens)["logits"].float()).cpu().numpy())
     out = {}
     for name in heads:

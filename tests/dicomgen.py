@@ -25,6 +25,13 @@ FRACATLAS = SHARED / "fracatlas"
 KNEE = SHARED / "knee-kl"
 
 # SNOMED CT codes of the body parts used here (DICOM PS3.16 CID 4031).
+def code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    """One code sequence item (CodeValue, CodingSchemeDesignator, CodeMeaning)."""
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
 _BODYPART_CODES = {"HAND": ("85562004", "Hand"), "LEG": ("30021000", "Lower leg"), "HIP": ("24136001", "Hip joint"),
                    "SHOULDER": ("16982005", "Shoulder region"), "KNEE": ("72696002", "Knee"),
                    "EXTREMITY": ("66019005", "Limb")}
@@ -89,9 +96,7 @@ def dx_from_image(image_path: Path | str, *, study_uid: str | None = None, serie
     ds.PatientOrientation = ["L", "F"]
     ds.PositionerType = ""
     code, meaning = _BODYPART_CODES.get(body_part, ("66019005", "Limb"))
-    region = Dataset()
-    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = code, "SCT", meaning
-    ds.AnatomicRegionSequence = [region]
+    ds.AnatomicRegionSequence = [code_item(code, "SCT", meaning)]
     ds.AcquisitionContextSequence = []
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.PresentationIntentType = "FOR PRESENTATION"

@@ -12,27 +12,22 @@ from dicom_node.results_dicom import build_result_objects, write_result_objects
 from dicom_node.sc import content as scc
 from dicom_node.sc import enum
 from inference.pixels import display_uint8
-from tests.test_results_support import MODEL, cr_study, dx_study, make_results, strict_pydicom, validate
+from tests.test_results_support import (MODEL, cr_study, dx_study, make_results, strict_pydicom, validate,
+                                        written_results)
 
 
 @pytest.fixture(scope="module")
 def cr(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sc_cr")
     sources = cr_study(tmp, names=("RG3_J2KR.dcm", "RG3_UNCI.dcm", "RG3_J2KI.dcm"))
-    results = make_results(sources, not_processed=2)
-    objs = build_result_objects(sources, results, MODEL)
-    paths = write_result_objects(objs, tmp / "out")
-    return sources, results, objs, paths
+    return written_results(tmp, sources, make_results(sources, not_processed=2))
 
 
 @pytest.fixture(scope="module")
 def dx(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sc_dx")
     sources = dx_study(tmp, n=5, offset=3)
-    results = make_results(sources)
-    objs = build_result_objects(sources, results, MODEL)
-    paths = write_result_objects(objs, tmp / "out")
-    return sources, results, objs, paths
+    return written_results(tmp, sources, make_results(sources))
 
 
 def _heatmap_for(objs, source):

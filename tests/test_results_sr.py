@@ -12,27 +12,22 @@ from dicom_node.results_dicom import build_result_objects, predecessor_reference
 from dicom_node.sr import enum
 from dicom_node.sr.sop import read_sr
 from inference.results import CodedConcept, ImageResult, ModelInfo
-from tests.test_results_support import (MODEL, cr_study, dx_study, make_results, strict_pydicom, validate)
+from tests.test_results_support import (MODEL, cr_study, dx_study, make_results, strict_pydicom, validate,
+                                        written_results)
 
 
 @pytest.fixture(scope="module")
 def cr(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cr")
     sources = cr_study(tmp)
-    results = make_results(sources, not_processed=1)
-    objs = build_result_objects(sources, results, MODEL)
-    paths = write_result_objects(objs, tmp / "out")
-    return sources, results, objs, paths
+    return written_results(tmp, sources, make_results(sources, not_processed=1))
 
 
 @pytest.fixture(scope="module")
 def dx(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dx")
     sources = dx_study(tmp, n=3)
-    results = make_results(sources, with_kl=True, concepts=True)
-    objs = build_result_objects(sources, results, MODEL)
-    paths = write_result_objects(objs, tmp / "out")
-    return sources, results, objs, paths
+    return written_results(tmp, sources, make_results(sources, with_kl=True, concepts=True))
 
 
 def _sr_path(paths):

@@ -130,6 +130,14 @@ def brightest_box(m: np.ndarray, frac: float = 0.25) -> tuple[float, float, floa
 FRACTURE_PROBABILITIES = (0.12, 0.45, 0.91, 0.33, 0.78)
 
 
+def written_results(tmp: Path, sources: list[pydicom.Dataset], results: list[ImageResult]) -> tuple:
+    """(sources, results, result objects, their files under ``tmp/out``): what the results fixtures share."""
+    from dicom_node.results_dicom import build_result_objects, write_result_objects
+
+    objs = build_result_objects(sources, results, MODEL)
+    return sources, results, objs, write_result_objects(objs, tmp / "out")
+
+
 def make_results(datasets: list[pydicom.Dataset], *, not_processed: int | None = None,
                  with_kl: bool = False, concepts: bool = False) -> list[ImageResult]:
     """Result objects for ``datasets`` (see the module docstring). Image ``not_processed`` is reported

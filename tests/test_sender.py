@@ -32,6 +32,7 @@ from storage.files import InstanceStore
 from storage.index import Index
 from storage.models import Delivery, Patient, ResultObject, Study, utcnow
 from tests.counting_scp import CountingSCP, CountingSCPProcess
+from tests.dicomgen import code_item
 from tests.peers import Orthanc, Storescp, free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -170,18 +171,14 @@ def write_basic_sr(path: Path, study_uid: str, patient_id: str) -> Path:
     ds.InstanceNumber = 1
     ds.Manufacturer = "msk-dicom-node tests"
     ds.ValueType = "CONTAINER"
-    name = Dataset()
-    name.CodeValue, name.CodingSchemeDesignator, name.CodeMeaning = "18748-4", "LN", "Diagnostic imaging report"
-    ds.ConceptNameCodeSequence = [name]
+    ds.ConceptNameCodeSequence = [code_item("18748-4", "LN", "Diagnostic imaging report")]
     ds.ContinuityOfContent = "SEPARATE"
     ds.CompletionFlag = "COMPLETE"
     ds.VerificationFlag = "UNVERIFIED"
     item = Dataset()
     item.RelationshipType = "CONTAINS"
     item.ValueType = "TEXT"
-    finding = Dataset()
-    finding.CodeValue, finding.CodingSchemeDesignator, finding.CodeMeaning = "121071", "DCM", "Finding"
-    item.ConceptNameCodeSequence = [finding]
+    item.ConceptNameCodeSequence = [code_item("121071", "DCM", "Finding")]
     item.TextValue = "send queue test object"
     ds.ContentSequence = [item]
     ds.save_as(path, enforce_file_format=True)
