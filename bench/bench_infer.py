@@ -12,7 +12,9 @@ Printed: images/s of
 - bare encoder: ``model.mae.encoder`` on the already preprocessed batch
 
 and the ratios; then the cost of all heads and of the anomaly map (complementary-mask
-reconstruction) relative to one encoder pass over the same batch.
+reconstruction) relative to one encoder pass over the same batch. The heads figure runs every
+head on every image, the knee-only KL branch (its own copy of the last encoder block) included:
+an upper bound, since the node runs that branch only on images the anatomy gate calls knees.
 """
 
 from __future__ import annotations
@@ -91,12 +93,12 @@ def main() -> int:
                 model.mae.encoder(x[s:s + args.batch])
         sync()
 
-    toks = [model.tokens(x[s:s + args.batch]) for s in range(0, n, args.batch)]
+    toks = [model.encode(x[s:s + args.batch]) for s in range(0, n, args.batch)]
 
     @torch.no_grad()
-    def heads():
-        for t in toks:
-            model.run_heads(t)
+    def heads():  # every head on every image: a branch head (KL grade) as if all were knees, the upper bound
+        for t, taps in toks:
+            model.run_heads(t, None, taps)
         sync()
 
     groups = int(model.card.anomaly.get("groups", 4))

@@ -218,7 +218,7 @@ class Model:
     """A loaded bundle: encoder once per image, every head on its tokens, the anomaly map."""
 
     def __init__(self, root: str | Path, device: str | None = None):
-        from inference.heads import build_head, n_outputs
+        from inference.heads import build_head, input_layer, n_outputs
 
         self.root = Path(root)
         self.card: Card = read_card(self.root)
@@ -226,12 +226,14 @@ class Model:
         self.device = _auto_device(device)
         self.mae, self.cfg, _ = load_mae(self.root, self.device)
         self.heads: dict[str, torch.nn.Module] = {}
+        self.head_inputs: dict[str, int | None] = {}  # None: final tokens; k: the tokens after block k
         for name, spec in self.card.heads.items():
             if not spec.has_weights:
                 continue
             try:
-                head = build_head(spec.arch, self.cfg.dim, n_outputs(spec.kind, spec.labels))
+                head = build_head(spec.arch, self.cfg.dim, n_outputs(spec.kind, spec.labels), self.cfg)
                 head.load_state_dict(load_file(str(self.root / spec.weights)))
+                self.head_inputs[name] = input_layer(spec.arch, self.cfg.depth)
             except (RuntimeError, ValueError) as exc:
                 raise BundleError(f"{self.root}: head {name!r} ({spec.weights}) does not load: {exc}") from exc
             self.heads[name] = head.to(self.device).eval()
@@ -271,9 +273,28 @@ class Model:
         return self.mae.encoder(x.to(self.device))
 
     @torch.no_grad()
-    def run_heads(self, tokens: torch.Tensor, names=None) -> dict[str, dict[str, torch.Tensor]]:
-        return {n: {k: v.float().cpu() for k, v in h(tokens).items()}
-                for n, h in self.heads.items() if names is None or n in names}
+    def encode(self, x: torch.Tensor, names=None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """One encoder pass: the final tokens, and the intermediate tokens the heads ``names`` (default all) read."""
+        taps = {self.head_inputs[n] for n in self.heads if names is None or n in names} - {None}
+        return self.mae.encoder.forward_taps(x.to(self.device), taps=taps)
+
+    @torch.no_grad()
+    def run_heads(self, tokens: torch.Tensor, names=None, taps: dict[int, torch.Tensor] | None = None,
+                  rows=None) -> dict[str, dict[str, torch.Tensor]]:
+        """Heads ``names`` (default all) on ``tokens`` (final) or, for branch heads, on ``taps``;
+        ``rows`` (indices) restricts them to part of the batch."""
+        out = {}
+        for n, h in self.heads.items():
+            if names is not None and n not in names:
+                continue
+            layer = self.head_inputs[n]
+            if layer is not None and (taps is None or layer not in taps):
+                raise ValueError(f"head {n!r} reads the tokens after block {layer}: pass them in taps (see encode)")
+            t = tokens if layer is None else taps[layer]
+            if rows is not None:
+                t = t[torch.as_tensor(rows, dtype=torch.long, device=t.device)]
+            out[n] = {k: v.float().cpu() for k, v in h(t).items()}
+        return out
 
     # -- prediction ---------------------------------------------------------------------------
     def predict_datasets(self, datasets, image_ids: list[str] | None = None, heads: set[str] | None = None,
@@ -356,10 +377,24 @@ class Model:
         from inference.results import BinaryFinding, CategoricalFinding, ImageResult
 
         x = x.to(self.device)
-        tokens = self.tokens(x)
         need = {n for n in self.heads if n in want}
         gate = {n for n in need if self.card.heads[n].applies_to}
-        outs = self.run_heads(tokens, need | ({"anatomy"} if gate and "anatomy" in self.heads else set()))
+        ungated = (need - gate) | ({"anatomy"} if gate and "anatomy" in self.heads else set())
+        tokens, taps = self.encode(x, need)
+        outs = self.run_heads(tokens, ungated, taps)
+        anatomy_labels = [None] * len(geos)
+        if "anatomy" in outs:
+            spec = self.card.heads["anatomy"]
+            anatomy_labels = [spec.labels[int(k)] for k in outs["anatomy"]["logits"].argmax(1)]
+        # gated heads (the KL grade: knees only) run on the images they apply to, and only those
+        gated_rows = {}
+        for name in gate:
+            applies = self.card.heads[name].applies_to
+            rows = [b for b, (i, _) in enumerate(geos)
+                    if anatomy_labels[b] in applies or (body_parts[i] if body_parts else "").lower() in applies]
+            if rows:
+                outs[name] = self.run_heads(tokens, {name}, taps, rows)[name]
+                gated_rows[name] = {b: r for r, b in enumerate(rows)}
         errs = None
         an = self.card.anomaly
         if "anomaly" in want and self.anomaly_mean is not None:
@@ -369,30 +404,27 @@ class Model:
         results = {}
         for b, (i, geo) in enumerate(geos):
             kw = {}
-            anatomy_label = None
-            if "anatomy" in outs:
-                spec = self.card.heads["anatomy"]
-                p = probabilities(spec.kind, outs["anatomy"]["logits"])[b].numpy()
-                anatomy_label = spec.labels[int(np.argmax(p))]
             for name in need:
                 spec = self.card.heads[name]
-                if spec.applies_to:
-                    hint = (body_parts[i] if body_parts else "").lower()
-                    if anatomy_label not in spec.applies_to and hint not in spec.applies_to:
+                row = b
+                if name in gate:
+                    if b not in gated_rows.get(name, {}):
                         continue  # e.g. KL grade only on knees
+                    row = gated_rows[name][b]
                 o = outs[name]
-                p = probabilities(spec.kind, o["logits"])[b].numpy()
+                p = probabilities(spec.kind, o["logits"])[row].numpy()
                 if spec.kind == "binary":
                     finding = BinaryFinding(name=name, probability=float(p), operating_points=spec.operating_points,
                                             concept=spec.concept)
                 else:
                     finding = CategoricalFinding(name=name, labels=spec.labels,
                                                  probabilities=tuple(float(v) for v in p),
-                                                 concepts=spec.label_concepts)
+                                                 concepts=spec.label_concepts,
+                                                 rule=spec.arch.get("decision", "argmax"))
                 if name in ("fracture", "tumour", "kl_grade", "anatomy", "view"):
                     kw[name] = finding
                 if maps and "patch_logits" in o and name == "fracture":
-                    pm = torch.sigmoid(o["patch_logits"][b]).numpy().reshape(g, g)
+                    pm = torch.sigmoid(o["patch_logits"][row]).numpy().reshape(g, g)
                     pm = pm * (coverage(geo, g) >= float(an.get("min_coverage", 0.5)))
                     pm = smooth_grid(pm, float(spec.arch.get("smooth_patches", 0.6)))
                     canvas = grid_to_canvas(pm, geo.size, 0.0)

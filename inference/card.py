@@ -112,6 +112,9 @@ class Card:
                 raise BundleError(f"{w}: a binary head with weights needs operating_points")
             if kind == "binary" and len(labels) != 2:
                 raise BundleError(f"{w}: a binary head has two labels (absent, present)")
+            decision = dict(h.get("arch", {})).get("decision", "argmax")
+            if decision not in ("argmax", "median") or (decision == "median" and kind != "ordinal"):
+                raise BundleError(f"{w}.arch.decision: {decision!r} (argmax, or median for an ordinal head)")
             return HeadSpec(name=name, kind=kind, labels=labels, concept=concept, label_concepts=label_concepts,
                             operating_points=ops, weights=weights, arch=dict(h.get("arch", {})),
                             applies_to=tuple(h.get("applies_to", ())), metrics=dict(h.get("metrics", {})),

@@ -139,13 +139,15 @@ def _kl_ungated(model, records):
     import torch
 
     from inference.heads import probabilities
+    from inference.results import decide
 
     xs = [model.prepare(_load(r.path))[0] for r in records]
     out = []
     for s in range(0, len(xs), 32):
-        t = model.tokens(torch.from_numpy(np.stack(xs[s:s + 32]))[:, None])
-        o = model.run_heads(t, {"kl_grade"})["kl_grade"]
-        out += probabilities("ordinal", o["logits"]).argmax(1).tolist()
+        t, taps = model.encode(torch.from_numpy(np.stack(xs[s:s + 32]))[:, None], {"kl_grade"})
+        o = model.run_heads(t, {"kl_grade"}, taps)["kl_grade"]
+        p = probabilities("ordinal", o["logits"]).numpy()
+        out += decide(p, model.card.heads["kl_grade"].arch.get("decision", "argmax")).tolist()
     return np.array(out)
 
 

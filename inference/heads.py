@@ -6,6 +6,12 @@
   (the localisation map), trained from boxes. Used for fracture.
 - ``linear``: layer norm + linear on [class token, mean patch token]; the probe
   for label-efficiency experiments and small data (tumour, hardware).
+- ``branch``: a task-specific copy of the encoder's last ``branch_depth`` block(s) (initialised
+  from them, then fine-tuned) with its own final norm, and an ``attn`` head on top. It reads the
+  shared tokens *before* those blocks (:func:`input_layer`), so the encoder still runs once per
+  image and the branch adds ``branch_depth / depth`` of a pass, only for the images it applies to.
+  Used for the KL grade, whose fine detail (joint-space width, osteophytes) the frozen final
+  tokens under-serve.
 
 Any of them with ``members: N`` (N > 1) is an ensemble of N such heads trained with
 different seeds, whose probabilities are averaged (used for the KL grade).
@@ -16,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-HEAD_TYPES = ("attn", "attn+patch", "linear")
+HEAD_TYPES = ("attn", "attn+patch", "linear", "branch")
 
 
 class AttnPool(nn.Module):
@@ -77,6 +83,39 @@ class LinearHead(nn.Module):
         return {"logits": self.fc(self.drop(self.norm(feat)))}
 
 
+class BranchHead(nn.Module):
+    def __init__(self, dim: int, n_out: int, depth: int, heads: int, mlp_ratio: float, hidden: int = 256,
+                 dropout: float = 0.2, pool_heads: int = 4):
+        from inference.vit import Block
+
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = AttnHead(dim, n_out, hidden, dropout, pool_heads)
+
+    def init_from(self, encoder: nn.Module) -> "BranchHead":
+        """Start from the encoder's own last blocks and final norm."""
+        for mine, theirs in zip(self.blocks, list(encoder.blocks)[-len(self.blocks):]):
+            mine.load_state_dict(theirs.state_dict())
+        self.norm.load_state_dict(encoder.norm.state_dict())
+        return self
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        return self.head(self.norm(tokens))
+
+
+def input_layer(arch: dict, encoder_depth: int) -> int | None:
+    """The encoder block whose output a head reads: None for the final (normed) tokens."""
+    if arch.get("type") != "branch":
+        return None
+    depth = int(arch.get("branch_depth", 1))
+    if not 1 <= depth < encoder_depth:
+        raise ValueError(f"branch_depth must be 1..{encoder_depth - 1}, got {depth}")
+    return encoder_depth - depth - 1
+
+
 class EnsembleHead(nn.Module):
     """Members' probabilities averaged; returned as logits again (log of the mean softmax, or the
     logit of the mean sigmoid for single outputs and patch maps), so callers see one head."""
@@ -98,10 +137,12 @@ class EnsembleHead(nn.Module):
         return merged
 
 
-def build_head(arch: dict, dim: int, n_out: int) -> nn.Module:
+def build_head(arch: dict, dim: int, n_out: int, encoder=None) -> nn.Module:
+    """``encoder`` (a :class:`~inference.vit.ViTConfig`, or an Encoder whose last blocks then initialise
+    the branch) is needed by ``branch`` heads only."""
     members = int(arch.get("members", 1))
     if members > 1:
-        return EnsembleHead([build_head({**arch, "members": 1}, dim, n_out) for _ in range(members)])
+        return EnsembleHead([build_head({**arch, "members": 1}, dim, n_out, encoder) for _ in range(members)])
     kind = arch.get("type", "attn")
     hidden = int(arch.get("hidden", 256))
     dropout = float(arch.get("dropout", 0.2))
@@ -112,6 +153,14 @@ def build_head(arch: dict, dim: int, n_out: int) -> nn.Module:
                              int(arch.get("patch_hidden", 128)))
     if kind == "linear":
         return LinearHead(dim, n_out, float(arch.get("dropout", 0.0)))
+    if kind == "branch":
+        cfg = getattr(encoder, "cfg", encoder)
+        if cfg is None:
+            raise ValueError("a branch head needs the encoder's configuration")
+        input_layer(arch, cfg.depth)  # validates branch_depth
+        head = BranchHead(dim, n_out, int(arch.get("branch_depth", 1)), cfg.heads, cfg.mlp_ratio, hidden, dropout,
+                          int(arch.get("pool_heads", 4)))
+        return head.init_from(encoder) if hasattr(encoder, "blocks") else head
     raise ValueError(f"unknown head type {kind!r} (known: {', '.join(HEAD_TYPES)})")
 
 

@@ -172,7 +172,19 @@ def render(root: str | Path) -> str:
           + f"; labels: {', '.join(stages[-1].get('labels', []))}; the MAE loss stays in the objective so the "
             f"decoder and the anomaly maps remain valid; the temporary heads of a stage are discarded). The "
             f"`hardware` label is never used in training the encoder.")
-    a("Heads are trained on the frozen encoder's tokens.\n")
+    branches = {n: h for n, h in card.heads.items() if h.arch.get("type") == "branch"}
+    if branches:
+        a("Heads are trained on the frozen encoder's tokens; "
+          + "; ".join(f"the {n} head is a *branch*: its own copy of the encoder's last "
+                      f"{h.arch.get('branch_depth', 1)} block(s) and final norm, initialised from them and fine-tuned "
+                      f"(lr {h.arch.get('branch_lr', 1e-4)}) on the tokens after block "
+                      f"{cfg['depth'] - int(h.arch.get('branch_depth', 1)) - 1}"
+                      + (", with horizontally mirrored copies of the training images" if h.arch.get("flip_augmentation") else "")
+                      + f", so the shared encoder still runs once and the branch adds "
+                        f"{int(h.arch.get('branch_depth', 1))}/{cfg['depth']} of a pass, only on the images it applies to"
+                      for n, h in branches.items()) + ".\n")
+    else:
+        a("Heads are trained on the frozen encoder's tokens.\n")
     for note in node.get("notes", []):
         a(f"- {note}")
     if node.get("notes"):
@@ -189,6 +201,15 @@ def render(root: str | Path) -> str:
         w = h.weights or "**none** (slot only)"
         a(f"| {name} | {h.kind} | {', '.join(h.labels)} | {cc} | {op} | {w} |")
     a("")
+    for name, h in card.heads.items():
+        if h.kind == "ordinal" and h.arch.get("decision"):
+            ds = node["heads"].get(name, {}).get("training", {}).get("decision_scores")
+            a(f"The {name} head reports the **{h.arch['decision']}** of its predicted distribution"
+              + (" (the most probable grade)" if h.arch["decision"] == "argmax" else
+                 " (the first grade whose cumulative probability reaches one half; it minimises the expected "
+                 "distance to the true grade)")
+              + (", chosen on the development split (accuracy + kappa: "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in ds.items()) + ")" if ds else "") + ".\n")
     a("Label concepts: the anatomy labels carry SNOMED CT codes (see configs/metadata.json); \"other\", the KL "
       "grades and the views use the private scheme 99MSKAI (no standard code for a KL grade value; SNOMED CT "
       "codes projections by direction, e.g. antero-posterior, which the data's frontal/lateral/oblique labels "

@@ -71,6 +71,22 @@ class BinaryFinding:
         }
 
 
+DECISIONS = ("argmax", "median")
+
+
+def decide(probabilities: np.ndarray, rule: str = "argmax") -> np.ndarray:
+    """Class index per row of ``probabilities`` (N, C): the most probable class, or, for ordered
+    classes (KL grades), the median of the predicted distribution (the first class whose cumulative
+    probability reaches one half), which minimises the expected distance to the true grade."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    if rule == "argmax":
+        return p.argmax(1)
+    if rule == "median":
+        c = np.cumsum(p, 1)
+        return np.minimum((c < 0.5 * c[:, -1:]).sum(1), p.shape[1] - 1)
+    raise ValueError(f"decision must be one of {DECISIONS}, got {rule!r}")
+
+
 @dataclass(frozen=True)
 class CategoricalFinding:
     """A one-of-N finding (anatomy, view, Kellgren-Lawrence grade)."""
@@ -79,14 +95,17 @@ class CategoricalFinding:
     labels: tuple[str, ...]
     probabilities: tuple[float, ...]
     concepts: tuple[CodedConcept, ...] | None = None  # one per label, same order
+    rule: str = "argmax"  # how the label is read: "argmax", or "median" for ordered labels (see decide)
 
     def __post_init__(self) -> None:
         if len(self.labels) != len(self.probabilities):
             raise ValueError("labels and probabilities differ in length")
+        if self.rule not in DECISIONS:
+            raise ValueError(f"decision rule must be one of {DECISIONS}, got {self.rule!r}")
 
     @property
     def index(self) -> int:
-        return int(np.argmax(self.probabilities))
+        return int(decide(np.asarray(self.probabilities, dtype=np.float64)[None], self.rule)[0])
 
     @property
     def label(self) -> str:

@@ -222,7 +222,8 @@ def _device_name(device: str) -> str:
 HEAD_DEFAULTS = {
     # name: (kind, labels, arch, source filter)
     "fracture": ("binary", ["absent", "present"], {"type": "attn+patch", "hidden": 256, "dropout": 0.3}),
-    "kl_grade": ("ordinal", list(D.KL_GRADES), {"type": "attn", "hidden": 256, "dropout": 0.3, "ordinal_weight": 1.0}),
+    "kl_grade": ("ordinal", list(D.KL_GRADES), {"type": "branch", "branch_depth": 1, "hidden": 256, "dropout": 0.3,
+                                                "ordinal_weight": 1.0, "flip_augmentation": 1}),
     "anatomy": ("categorical", list(D.ANATOMY), {"type": "attn", "hidden": 256, "dropout": 0.3,
                                                  "geometry_augmentation": 1}),
     "view": ("categorical", list(D.VIEWS), {"type": "attn", "hidden": 256, "dropout": 0.3}),
@@ -233,15 +234,20 @@ HEAD_DEFAULTS = {
 
 @torch.no_grad()
 def extract_tokens(mae: MAE, canvases: np.ndarray, means: np.ndarray, stds: np.ndarray, batch_size: int = 64,
-                   device: str = "cpu") -> torch.Tensor:
-    """Encoder tokens of every canvas (no augmentation, as at inference): float16 (N, 1+P, dim)."""
+                   device: str = "cpu", layer: int | None = None, flip: bool = False) -> torch.Tensor:
+    """Encoder tokens of every canvas (no augmentation, as at inference): float16 (N, 1+P, dim).
+
+    ``layer``: the raw tokens after that block instead of the final ones (the input of a branch head);
+    ``flip``: of the horizontally mirrored canvases (left and right knees look alike, mirrored)."""
     mae.eval()
     out = []
     t0 = time.time()
     for s in range(0, len(canvases), batch_size):
-        x = to_input(canvases[s:s + batch_size], means[s:s + batch_size], stds[s:s + batch_size])
+        c = canvases[s:s + batch_size]
+        x = to_input(np.ascontiguousarray(c[:, :, ::-1]) if flip else c, means[s:s + batch_size], stds[s:s + batch_size])
         with autocast(device):
-            out.append(mae.encoder(x.to(device)).to(torch.float16).cpu())
+            final, taps = mae.encoder.forward_taps(x.to(device), taps=() if layer is None else (layer,))
+            out.append((final if layer is None else taps[layer]).to(torch.float16).cpu())
         if (s // batch_size) % 20 == 0:
             log.info("embedded %d/%d (%.0f s)", s + len(x), len(canvases), time.time() - t0)
     return torch.cat(out)
@@ -271,8 +277,33 @@ class Embedded:
             torch.save(self.tokens, tmp)
             tmp.replace(tok_path)
 
+        self._tok_path = tok_path
+        self._layers: dict[int, torch.Tensor] = {}
+
     def index(self, split: str, predicate) -> np.ndarray:
         return np.array([i for i, r in enumerate(self.records) if r.split == split and predicate(r)], dtype=np.int64)
+
+    def inputs(self, layer: int | None) -> torch.Tensor:
+        """The tokens a head reads: the final ones (``layer`` None) or those after block ``layer`` (memoised)."""
+        if layer is None:
+            return self.tokens
+        if layer not in self._layers:
+            path = self._tok_path.with_name(self._tok_path.stem + f"-L{layer}.pt")
+            if path.exists():
+                self._layers[layer] = torch.load(path)
+            else:
+                log.info("embedding %d images up to block %d", len(self.records), layer)
+                self._layers[layer] = extract_tokens(self.mae, self.canvases, self.means, self.stds,
+                                                     device=self.device, layer=layer)
+                tmp = path.with_name(path.name + ".tmp")
+                torch.save(self._layers[layer], tmp)
+                tmp.replace(path)
+        return self._layers[layer]
+
+    def mirrored(self, idx: np.ndarray, layer: int | None) -> torch.Tensor:
+        """Tokens of the horizontally mirrored images ``idx`` (a training augmentation)."""
+        return extract_tokens(self.mae, self.canvases[idx], self.means[idx], self.stds[idx], device=self.device,
+                              layer=layer, flip=True)
 
 
 def _key(records) -> str:
@@ -371,15 +402,18 @@ def _loss(kind: str, out: dict, y: torch.Tensor, pos_weight: float | None = None
     return ce
 
 
-def score(kind: str, y: np.ndarray, p: np.ndarray) -> float:
-    """Selection score on the development split (higher is better)."""
+def score(kind: str, y: np.ndarray, p: np.ndarray, decision: str = "argmax") -> float:
+    """Selection score on the development split (higher is better); ordinal: accuracy + quadratic kappa
+    of the grades that ``decision`` (:func:`inference.results.decide`) reads from ``p``."""
     from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
+    from inference.results import decide
 
     if kind == "binary":
         return float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else 0.0
     if y.ndim == 2:
         return float(np.mean(y[np.arange(len(y)), p.argmax(1)] > 0))
-    pred = p.argmax(1)
+    pred = decide(p, decision)
     if kind == "ordinal":
         return float(np.mean(pred == y) + cohen_kappa_score(y, pred, weights="quadratic"))
     return float(np.mean(pred == y))
@@ -417,18 +451,32 @@ def train_head(name: str, kind: str, labels: list[str], arch: dict, tokens: torc
                dev_tokens: torch.Tensor, dev_y: np.ndarray, *, epochs: int = 40, lr: float = 1e-3,
                weight_decay: float = 0.05, batch_size: int = 128, seed: int = 0,
                patch_y: np.ndarray | None = None, patch_ok: np.ndarray | None = None, patch_weight: float = 1.0,
-               device: str = "cpu", dev_boxes: np.ndarray | None = None):
+               device: str = "cpu", dev_boxes: np.ndarray | None = None, encoder=None):
     """Train one head on frozen tokens; keep the epoch that scores best on the development split.
 
     ``dev_boxes`` (development images x patches, > 0 inside a fracture box, all 0 for images without
     boxes): a head with a patch map then also scores by its localisation hit rate there (the share
-    of boxed images whose map peaks inside a box), so the epoch kept is good at both."""
+    of boxed images whose map peaks inside a box), so the epoch kept is good at both.
+
+    A ``branch`` head (``encoder``: the encoder whose last blocks it starts from) fine-tunes its
+    blocks at ``branch_lr`` (default 1e-4) and its attention head at ``lr``; it sees a random
+    ``token_keep`` share (default 0.6) of the patch tokens per step, the others dropped."""
     from inference.heads import build_head, n_outputs
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    head = build_head(arch, tokens.shape[-1], n_outputs(kind, labels)).to(device)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    branch = arch.get("type") == "branch"
+    head = build_head(arch, tokens.shape[-1], n_outputs(kind, labels), encoder).to(device)
+    if branch:
+        trunk = list(head.blocks.parameters()) + list(head.norm.parameters())
+        groups = [{"params": trunk, "lr": float(arch.get("branch_lr", 1e-4))},
+                  {"params": list(head.head.parameters()), "lr": lr}]
+        batch_size = int(arch.get("batch_size", 64))
+    else:
+        groups = [{"params": list(head.parameters()), "lr": lr}]
+    base_lr = [g["lr"] for g in groups]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    token_keep = float(arch.get("token_keep", 0.6))
     yt = torch.from_numpy(np.asarray(y)).to(device)
     pos_weight = None
     if kind == "binary":
@@ -447,9 +495,15 @@ def train_head(name: str, kind: str, labels: list[str], arch: dict, tokens: torc
             if len(idx) == 0:
                 continue
             tok = tokens[idx].to(device).float()
-            # token dropout: hide a random 20 % of the patch tokens (a cheap augmentation on frozen features)
-            keep = (torch.rand(tok.shape[0], tok.shape[1] - 1, generator=gen) > 0.2).to(device)
-            tok = torch.cat([tok[:, :1], tok[:, 1:] * keep[..., None]], 1)
+            if branch:  # drop patch tokens outright: the branch's attention then sees a random subset
+                n_keep = max(1, int(round((tok.shape[1] - 1) * token_keep)))
+                keep = (torch.argsort(torch.rand(tok.shape[0], tok.shape[1] - 1, generator=gen), 1)[:, :n_keep]
+                        + 1).to(device)
+                tok = torch.cat([tok[:, :1], torch.gather(tok, 1, keep[..., None].expand(-1, -1, tok.shape[-1]))], 1)
+            else:
+                # token dropout: hide a random 20 % of the patch tokens (a cheap augmentation on frozen features)
+                keep = (torch.rand(tok.shape[0], tok.shape[1] - 1, generator=gen) > 0.2).to(device)
+                tok = torch.cat([tok[:, :1], tok[:, 1:] * keep[..., None]], 1)
             out = head(tok)
             loss = _loss(kind, out, yt[idx.to(device)], pos_weight, float(arch.get("ordinal_weight", 0.25)))
             if patch_y is not None and "patch_logits" in out:
@@ -459,9 +513,9 @@ def train_head(name: str, kind: str, labels: list[str], arch: dict, tokens: torc
                     pl = out["patch_logits"][ok]
                     w = torch.where(pt > 0, 8.0, 1.0)
                     loss = loss + patch_weight * (F.binary_cross_entropy_with_logits(pl, pt, reduction="none") * w).mean()
-            lr_now = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            for g in opt.param_groups:
-                g["lr"] = lr_now
+            factor = 0.5 * (1 + math.cos(math.pi * step / total))
+            for g, b0 in zip(opt.param_groups, base_lr):
+                g["lr"] = b0 * factor
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -541,19 +595,31 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
     if arch.get("type") == "attn+patch":
         pt, ok = patch_targets([emb.records[i] for i in tr], [emb.geos[i] for i in tr], emb.cfg.grid)
         patch_y, patch_ok = pt, ok
-    train_tokens, train_y = emb.tokens[tr], ys(tr)
+    from inference.heads import input_layer
+
+    layer = input_layer(arch, emb.cfg.depth)
+    tokens = emb.inputs(layer)
+    train_tokens, train_y = tokens[tr], ys(tr)
+    if int(arch.get("geometry_augmentation", 0)) and layer is not None:
+        raise ValueError("geometry_augmentation re-frames final tokens only; not for branch heads")
     for copy in range(int(arch.get("geometry_augmentation", 0))):
         log.info("re-framing %d training images for head %s (copy %d)", len(tr), name, copy + 1)
         train_tokens = torch.cat([train_tokens, geometry_augmented_tokens(emb, tr, seed + 1000 * (copy + 1))])
+        train_y = np.concatenate([train_y, ys(tr)])
+    if arch.get("flip_augmentation"):
+        if patch_y is not None:
+            raise ValueError("flip_augmentation would mirror images but not their fracture boxes")
+        log.info("mirroring %d training images for head %s", len(tr), name)
+        train_tokens = torch.cat([train_tokens, emb.mirrored(tr, layer)])
         train_y = np.concatenate([train_y, ys(tr)])
     dev_boxes = None
     if arch.get("type") == "attn+patch" and dev is not None:
         dev_boxes, _ = patch_targets([emb.records[i] for i in dev], [emb.geos[i] for i in dev], emb.cfg.grid)
     members = int(arch.get("members", 1))
     fits = [train_head(name, kind, labels, {**arch, "members": 1}, train_tokens, train_y,
-                       emb.tokens[dev] if dev is not None else None, ys(dev) if dev is not None else None,
+                       tokens[dev] if dev is not None else None, ys(dev) if dev is not None else None,
                        epochs=epochs, seed=seed + k, patch_y=patch_y, patch_ok=patch_ok, lr=lr, device=emb.device,
-                       dev_boxes=dev_boxes)
+                       dev_boxes=dev_boxes, encoder=emb.mae.encoder)
             for k in range(members)]
     if members == 1:
         head, info = fits[0]
@@ -564,14 +630,19 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
         info = {"best_epoch": [i["best_epoch"] for i in fits], "member_dev_scores": [i["dev_score"] for i in fits],
                 "history": [i["history"] for i in fits], "dev_score": float("nan")}
         if dev is not None:
-            info["dev_score"] = selection_score(head, kind, emb.tokens[dev], ys(dev), dev_boxes)
+            info["dev_score"] = selection_score(head, kind, tokens[dev], ys(dev), dev_boxes)
     from inference.bundle import half
 
     head.load_state_dict(half(head.state_dict()))  # as it will be stored and loaded: thresholds fit those weights
+    if kind == "ordinal" and dev is not None and "decision" not in arch:
+        # how grades are read from the probabilities: the mode or the median, whichever scores better on dev
+        p_dev, _ = predict_tokens(head, kind, tokens[dev])
+        info["decision_scores"] = {rule: round(score(kind, ys(dev), p_dev, rule), 4) for rule in ("argmax", "median")}
+        arch = {**arch, "decision": max(("argmax", "median"), key=lambda r: info["decision_scores"][r])}
     result = {"head": head, "kind": kind, "labels": labels, "arch": arch, "train_images": int(len(tr)),
               "dev_images": int(len(dev)) if dev is not None else 0, "val_images": int(len(va)), "selection": info}
     if len(va):
-        p, _ = predict_tokens(head, kind, emb.tokens[va])
+        p, _ = predict_tokens(head, kind, tokens[va])
         result["val_y"], result["val_p"] = ys(va), p
         if kind == "binary" and len(set(ys(va).tolist())) == 2:
             result["operating_points"] = operating_points(ys(va), p)
@@ -605,6 +676,8 @@ def save_head(bundle: str | Path, name: str, fit: dict, command: str = "", extra
                          "val_images": fit["val_images"], "best_epoch": fit["selection"]["best_epoch"],
                          "dev_score": (None if math.isnan(fit["selection"]["dev_score"])
                                        else round(fit["selection"]["dev_score"], 4)), "fitted": _now(),
+                         **({"decision_scores": fit["selection"]["decision_scores"]}
+                            if "decision_scores" in fit["selection"] else {}),
                          **(extra or {})}
     meta["msk_node"]["heads"][name] = entry
     write_metadata(bundle, meta)
@@ -686,6 +759,8 @@ def adapt(init: str, data_dir: str, out: str, *, epochs: int = 3, batch_size: in
     targets = {}
     for name in ADAPT_HEADS:
         kind, labels, arch = HEAD_DEFAULTS[name]
+        if arch.get("type") == "branch":  # adaptation heads read the final tokens; branches come later
+            arch = {**arch, "type": "attn"}
         heads[name] = build_head(arch, cfg.dim, n_outputs(kind, labels))
         usable, target = head_targets(name, records)
         ok = np.array([usable(r) for r in records])

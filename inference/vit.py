@@ -102,13 +102,21 @@ class Encoder(nn.Module):
         self.apply(_init)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_taps(x, keep)[0]
+
+    def forward_taps(self, x: torch.Tensor, keep: torch.Tensor | None = None, taps=()
+                     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Final (normed) tokens, and the raw tokens after each block index in ``taps`` (inputs of branch heads)."""
         t = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos
         if keep is not None:
             t = torch.gather(t, 1, keep[..., None].expand(-1, -1, t.shape[-1]))
         t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
-        for blk in self.blocks:
+        tapped = {}
+        for i, blk in enumerate(self.blocks):
             t = blk(t)
-        return self.norm(t)
+            if i in taps:
+                tapped[i] = t
+        return self.norm(t), tapped
 
 
 class Decoder(nn.Module):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 from pydicom.data import get_testdata_file
 
 from dicom_node.errors import BundleError
@@ -108,6 +109,21 @@ def test_head_subset_skips_other_heads(model, rg):
         model.predict_datasets([rg[0]], heads={"nonsense"})
 
 
+def test_knee_only_head_runs_on_the_knees_of_a_batch_only(model, rg):
+    """The KL grade (a branch head on the tokens the encoder taps) runs only on the rows the gate
+    passes, and gives a row the same answer in a mixed batch as alone."""
+    imgs = [display_uint8(ds) for ds in rg]
+    both = model.predict_arrays(imgs, ["a", "b"], body_parts=["KNEE", ""])
+    alone, = model.predict_arrays(imgs[:1], ["a"], body_parts=["KNEE"])
+    assert both[0].kl_grade is not None
+    np.testing.assert_allclose(both[0].kl_grade.probabilities, alone.kl_grade.probabilities, atol=1e-4)
+    assert (both[1].kl_grade is not None) == (both[1].anatomy.label == "knee")
+    if model.head_inputs["kl_grade"] is not None:
+        x = torch.from_numpy(model.prepare(imgs[0])[0])[None, None]
+        with pytest.raises(ValueError, match="taps"):
+            model.run_heads(model.tokens(x), {"kl_grade"})
+
+
 def test_rgb_secondary_capture_is_processed(model):
     res, = model.predict_datasets([pydicom.dcmread(get_testdata_file("SC_rgb.dcm"))])
     assert res.processed and res.anomaly_map.shape == (100, 100)
@@ -157,6 +173,11 @@ def test_malformed_card(bundle_copy):
     meta["msk_node"]["heads"]["fracture"]["operating_points"] = {"suspected": 0.9, "definite": 0.1}
     card.write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="operating_points"):
+        load_bundle(bundle_copy, "cpu")
+    meta = json.loads((DEFAULT_BUNDLE / "configs" / "metadata.json").read_text())
+    meta["msk_node"]["heads"]["anatomy"]["arch"]["decision"] = "median"  # only ordered labels have a median
+    card.write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="anatomy.*decision"):
         load_bundle(bundle_copy, "cpu")
 
 

@@ -54,6 +54,9 @@ def test_pack_pretrain_adapt_fit_heads_infer(tmp_path):
                  "--arch", "ordinal_weight=1.0", "--cache-dir", str(tmp_path), "--threads", "2"]) == 0
     model = load_bundle(ad, "cpu")
     assert model.card.heads["kl_grade"].arch["ordinal_weight"] == 1.0
+    # the KL grade is a branch: its own copy of the last block, reading the tokens after block 0 of 2
+    assert model.card.heads["kl_grade"].arch["type"] == "branch" and model.head_inputs["kl_grade"] == 0
+    assert model.head_inputs["fracture"] is None
     assert {"fracture", "kl_grade", "anatomy"} <= set(model.heads)
     # weights are stored as float16 and come back as the model's float32
     assert all(p.dtype == torch.float32 for p in model.mae.parameters())
@@ -119,3 +122,47 @@ def test_ensemble_head_averages_member_probabilities():
         # it saves and loads as one head
         again = build_head({**arch, "members": 3}, 32, n_out)
         again.load_state_dict(ens.state_dict())
+
+
+def test_branch_head_starts_as_the_encoders_own_last_blocks():
+    """Before fine-tuning, a branch reproduces the shared encoder's final tokens from the tapped ones,
+    so it starts from what the frozen heads see; the model runs it on the tokens it taps in one pass."""
+    from inference.heads import build_head, input_layer
+    from inference.vit import MAE, ViTConfig
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=64, patch_size=16, dim=32, depth=3, heads=2, decoder_dim=32, decoder_depth=1,
+                    decoder_heads=2)
+    enc = MAE(cfg).encoder.eval()
+    arch = {"type": "branch", "branch_depth": 2, "hidden": 16}
+    layer = input_layer(arch, cfg.depth)
+    assert layer == 0
+    head = build_head(arch, cfg.dim, 5, enc).eval()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        final, taps = enc.forward_taps(x, taps=(layer,))
+        t = taps[layer]
+        for blk in head.blocks:
+            t = blk(t)
+        torch.testing.assert_close(head.norm(t), final)
+        assert head(taps[layer])["logits"].shape == (2, 5)
+    # a configuration alone builds the same shape (loading from a bundle); a bad depth is refused
+    assert set(build_head(arch, cfg.dim, 5, cfg).state_dict()) == set(head.state_dict())
+    with pytest.raises(ValueError, match="branch_depth"):
+        build_head({**arch, "branch_depth": 3}, cfg.dim, 5, cfg)
+    with pytest.raises(ValueError, match="configuration"):
+        build_head(arch, cfg.dim, 5)
+
+
+def test_ordinal_decisions_mode_and_median():
+    from inference.results import CategoricalFinding, decide
+
+    p = np.array([[0.40, 0.05, 0.04, 0.11, 0.40],   # bimodal: the mode is 0, the median grade 3
+                  [0.10, 0.20, 0.40, 0.20, 0.10],
+                  [0.00, 0.00, 0.00, 0.00, 1.00]])
+    assert decide(p, "argmax").tolist() == [0, 2, 4]
+    assert decide(p, "median").tolist() == [3, 2, 4]
+    f = CategoricalFinding("kl_grade", tuple("01234"), tuple(p[0]), rule="median")
+    assert (f.index, f.label, f.confidence) == (3, "3", pytest.approx(0.11))
+    with pytest.raises(ValueError, match="decision"):
+        CategoricalFinding("kl_grade", tuple("01234"), tuple(p[0]), rule="mean")
