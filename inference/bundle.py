@@ -420,7 +420,7 @@ class Model:
                     finding = CategoricalFinding(name=name, labels=spec.labels,
                                                  probabilities=tuple(float(v) for v in p),
                                                  concepts=spec.label_concepts,
-                                                 rule=spec.arch.get("decision", "argmax"))
+                                                 rule=spec.decision)
                 if name in ("fracture", "tumour", "kl_grade", "anatomy", "view"):
                     kw[name] = finding
                 if maps and "patch_logits" in o and name == "fracture":

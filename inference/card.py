@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_node.errors import BundleError
-from inference.results import CodedConcept, OperatingPoints
+from inference.results import DECISIONS, CodedConcept, OperatingPoints
 
 METADATA = Path("configs") / "metadata.json"
 KNOWN_HEADS = ("fracture", "tumour", "kl_grade", "anatomy", "view", "hardware")
@@ -52,6 +52,11 @@ class HeadSpec:
     @property
     def has_weights(self) -> bool:
         return self.weights is not None
+
+    @property
+    def decision(self) -> str:
+        """How a categorical label is read from the probabilities (see inference.results.decide)."""
+        return str(self.arch.get("decision", "argmax"))
 
 
 class Card:
@@ -112,13 +117,13 @@ class Card:
                 raise BundleError(f"{w}: a binary head with weights needs operating_points")
             if kind == "binary" and len(labels) != 2:
                 raise BundleError(f"{w}: a binary head has two labels (absent, present)")
-            decision = dict(h.get("arch", {})).get("decision", "argmax")
-            if decision not in ("argmax", "median") or (decision == "median" and kind != "ordinal"):
-                raise BundleError(f"{w}.arch.decision: {decision!r} (argmax, or median for an ordinal head)")
-            return HeadSpec(name=name, kind=kind, labels=labels, concept=concept, label_concepts=label_concepts,
+            spec = HeadSpec(name=name, kind=kind, labels=labels, concept=concept, label_concepts=label_concepts,
                             operating_points=ops, weights=weights, arch=dict(h.get("arch", {})),
                             applies_to=tuple(h.get("applies_to", ())), metrics=dict(h.get("metrics", {})),
                             notes=str(h.get("notes", "")))
+            if spec.decision not in DECISIONS or (spec.decision == "median" and kind != "ordinal"):
+                raise BundleError(f"{w}.arch.decision: {spec.decision!r} (argmax, or median for an ordinal head)")
+            return spec
         except BundleError:
             raise
         except (KeyError, TypeError, ValueError) as exc:

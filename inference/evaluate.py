@@ -147,7 +147,7 @@ def _kl_ungated(model, records):
         t, taps = model.encode(torch.from_numpy(np.stack(xs[s:s + 32]))[:, None], {"kl_grade"})
         o = model.run_heads(t, {"kl_grade"}, taps)["kl_grade"]
         p = probabilities("ordinal", o["logits"]).numpy()
-        out += decide(p, model.card.heads["kl_grade"].arch.get("decision", "argmax")).tolist()
+        out += decide(p, model.card.heads["kl_grade"].decision).tolist()
     return np.array(out)
 
 

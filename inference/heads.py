@@ -14,7 +14,7 @@
   tokens under-serve.
 
 Any of them with ``members: N`` (N > 1) is an ensemble of N such heads trained with
-different seeds, whose probabilities are averaged (used for the KL grade).
+different seeds, whose probabilities are averaged (tried for the KL grade; no shipped head is one).
 """
 
 from __future__ import annotations

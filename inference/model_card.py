@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from inference.card import read_card
+from inference.heads import input_layer
 
 TARGETS = {  # issue 3: floors on the val splits
     "fracture_auroc": (0.80, "Fracture AUROC"),
@@ -172,19 +173,20 @@ def render(root: str | Path) -> str:
           + f"; labels: {', '.join(stages[-1].get('labels', []))}; the MAE loss stays in the objective so the "
             f"decoder and the anomaly maps remain valid; the temporary heads of a stage are discarded). The "
             f"`hardware` label is never used in training the encoder.")
-    branches = {n: h for n, h in card.heads.items() if h.arch.get("type") == "branch"}
-    if branches:
-        a("Heads are trained on the frozen encoder's tokens; "
-          + "; ".join(f"the {n} head is a *branch*: its own copy of the encoder's last "
-                      f"{h.arch.get('branch_depth', 1)} block(s) and final norm, initialised from them and fine-tuned "
-                      f"(lr {h.arch.get('branch_lr', 1e-4)}) on the tokens after block "
-                      f"{cfg['depth'] - int(h.arch.get('branch_depth', 1)) - 1}"
-                      + (", with horizontally mirrored copies of the training images" if h.arch.get("flip_augmentation") else "")
-                      + f", so the shared encoder still runs once and the branch adds "
-                        f"{int(h.arch.get('branch_depth', 1))}/{cfg['depth']} of a pass, only on the images it applies to"
-                      for n, h in branches.items()) + ".\n")
-    else:
-        a("Heads are trained on the frozen encoder's tokens.\n")
+    branches = []
+    for n, h in card.heads.items():
+        layer = input_layer(h.arch, cfg["depth"])
+        if layer is None:
+            continue
+        depth = cfg["depth"] - 1 - layer
+        branches.append(
+            f"the {n} head is a *branch*: its own copy of the encoder's last {depth} block(s) and final norm, "
+            f"initialised from them and fine-tuned (lr {h.arch.get('branch_lr', 1e-4)}) on the tokens after block "
+            f"{layer}" + (", with horizontally mirrored copies of the training images"
+                          if h.arch.get("flip_augmentation") else "")
+            + f", so the shared encoder still runs once and the branch adds {depth}/{cfg['depth']} of a pass, "
+              "only on the images it applies to")
+    a("Heads are trained on the frozen encoder's tokens" + "".join("; " + b for b in branches) + ".\n")
     for note in node.get("notes", []):
         a(f"- {note}")
     if node.get("notes"):

@@ -268,37 +268,29 @@ class Embedded:
                                                  cache_dir / f"msk-cache-{self.cfg.image_size}-{_key(records)}.npz")
         self.means, self.stds = canvas_stats(self.canvases, self.geos)
         enc_sha = self.card.weights[self.card.architecture["file"]][:16]
-        tok_path = cache_dir / f"msk-tokens-{enc_sha}-{_key(records)}.pt"
-        if tok_path.exists():
-            self.tokens = torch.load(tok_path)
-        else:
-            self.tokens = extract_tokens(self.mae, self.canvases, self.means, self.stds, device=device)
-            tmp = tok_path.with_name(tok_path.name + ".tmp")
-            torch.save(self.tokens, tmp)
-            tmp.replace(tok_path)
-
-        self._tok_path = tok_path
-        self._layers: dict[int, torch.Tensor] = {}
+        self._tok_path = cache_dir / f"msk-tokens-{enc_sha}-{_key(records)}.pt"
+        self._inputs: dict[int | None, torch.Tensor] = {}
+        self.tokens = self.inputs(None)
 
     def index(self, split: str, predicate) -> np.ndarray:
         return np.array([i for i, r in enumerate(self.records) if r.split == split and predicate(r)], dtype=np.int64)
 
     def inputs(self, layer: int | None) -> torch.Tensor:
-        """The tokens a head reads: the final ones (``layer`` None) or those after block ``layer`` (memoised)."""
-        if layer is None:
-            return self.tokens
-        if layer not in self._layers:
-            path = self._tok_path.with_name(self._tok_path.stem + f"-L{layer}.pt")
+        """The tokens a head reads: the final ones (``layer`` None) or those after block ``layer``;
+        memoised in memory and on disk (per encoder, image set and layer)."""
+        if layer not in self._inputs:
+            path = (self._tok_path if layer is None
+                    else self._tok_path.with_name(self._tok_path.stem + f"-L{layer}.pt"))
             if path.exists():
-                self._layers[layer] = torch.load(path)
+                self._inputs[layer] = torch.load(path)
             else:
-                log.info("embedding %d images up to block %d", len(self.records), layer)
-                self._layers[layer] = extract_tokens(self.mae, self.canvases, self.means, self.stds,
+                log.info("embedding %d images%s", len(self.records), "" if layer is None else f" up to block {layer}")
+                self._inputs[layer] = extract_tokens(self.mae, self.canvases, self.means, self.stds,
                                                      device=self.device, layer=layer)
                 tmp = path.with_name(path.name + ".tmp")
-                torch.save(self._layers[layer], tmp)
+                torch.save(self._inputs[layer], tmp)
                 tmp.replace(path)
-        return self._layers[layer]
+        return self._inputs[layer]
 
     def mirrored(self, idx: np.ndarray, layer: int | None) -> torch.Tensor:
         """Tokens of the horizontally mirrored images ``idx`` (a training augmentation)."""
@@ -632,13 +624,14 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
         if dev is not None:
             info["dev_score"] = selection_score(head, kind, tokens[dev], ys(dev), dev_boxes)
     from inference.bundle import half
+    from inference.results import DECISIONS
 
     head.load_state_dict(half(head.state_dict()))  # as it will be stored and loaded: thresholds fit those weights
     if kind == "ordinal" and dev is not None and "decision" not in arch:
         # how grades are read from the probabilities: the mode or the median, whichever scores better on dev
         p_dev, _ = predict_tokens(head, kind, tokens[dev])
-        info["decision_scores"] = {rule: round(score(kind, ys(dev), p_dev, rule), 4) for rule in ("argmax", "median")}
-        arch = {**arch, "decision": max(("argmax", "median"), key=lambda r: info["decision_scores"][r])}
+        info["decision_scores"] = {rule: round(score(kind, ys(dev), p_dev, rule), 4) for rule in DECISIONS}
+        arch = {**arch, "decision": max(DECISIONS, key=lambda r: info["decision_scores"][r])}
     result = {"head": head, "kind": kind, "labels": labels, "arch": arch, "train_images": int(len(tr)),
               "dev_images": int(len(dev)) if dev is not None else 0, "val_images": int(len(va)), "selection": info}
     if len(va):
