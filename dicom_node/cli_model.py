@@ -47,6 +47,12 @@ def _json_or_text(value: str):
         return value
 
 
+def _dev_split_option(p) -> None:
+    p.add_argument("--dev-split", choices=("patient", "image"), default="patient",
+                   help="hold out the development split by patient where the data names one (default), or by "
+                        "image (how heads and the encoder adaptation before model 0.4.0 were selected)")
+
+
 def cmd_pretrain(args) -> int:
     _threads(args)
     from inference.training import adapt, pretrain
@@ -58,7 +64,7 @@ def cmd_pretrain(args) -> int:
                     cache=args.cache, threads=args.threads, device=args.device, max_minutes=args.max_minutes,
                     command=_command_line(), lr=args.lr if args.lr is not None else 2e-4,
                     batch_size=args.batch_size, mae_weight=args.mae_weight, gamma=args.gamma,
-                    stop_after_epochs=args.stop_after_epochs,
+                    stop_after_epochs=args.stop_after_epochs, dev_split_by=args.dev_split,
                     head_weights=_key_values(args.head_weight, "--head-weight", float, "NAME=NUMBER"))
         print(f"adapted encoder written to {out}")
         return 0
@@ -105,6 +111,7 @@ def register(sub) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that passes this")
     p.add_argument("--stop-after-epochs", type=int, default=None,
                    help="stop after N epochs of a schedule planned for --epochs (deterministic)")
+    _dev_split_option(p)
     p.set_defaults(func=cmd_pretrain)
     register_more(sub, msub)
 
@@ -141,7 +148,7 @@ def cmd_fit_heads(args) -> int:
             print(f"anomaly statistics from {info['normal_images']} normal training images written")
             continue
         fit = fit_head(emb, name, kind=kind, labels=labels, epochs=args.epochs, seed=args.seed,
-                       max_labels=args.max_labels, arch=arch, lr=args.lr)
+                       max_labels=args.max_labels, arch=arch, lr=args.lr, dev_split_by=args.dev_split)
         save_head(args.bundle, name, fit, command=command, extra={"seed": args.seed, "epochs": args.epochs,
                                                                    "max_labels": args.max_labels})
         msg = (f"head {name}: {fit['train_images']} train images, epoch {fit['selection']['best_epoch']}, "
@@ -349,6 +356,7 @@ def register_more(sub, msub) -> None:
     p.add_argument("--cache-dir", default=None, help="where decoded images and embeddings are cached (/tmp)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    _dev_split_option(p)
     p.set_defaults(func=cmd_fit_heads)
 
     p = msub.add_parser("evaluate", help="metrics.json and plots on every split found under --data")

@@ -48,6 +48,11 @@ class Record:
     kl: int = -1
     boxes: list = field(default_factory=list)  # fracture boxes, fractions of width/height (x0, y0, x1, y1)
     label: int = -1  # generic label column (fit-heads --labels CSV)
+    group: str = ""  # the patient, where known: images of one patient stay on one side of a split
+
+    @property
+    def split_key(self) -> str:
+        return self.group or self.image_id
 
 
 def hash_fraction(image_id: str) -> float:
@@ -92,9 +97,11 @@ def read_knee(root: Path) -> list[Record]:
         for grade_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and p.name in KL_GRADES):
             for f in sorted(grade_dir.iterdir()):
                 if f.suffix.lower() in IMAGE_SUFFIXES:
+                    # <patient><L|R>: a patient's two knees may be in different grade folders
+                    patient = f.stem[:-1] if f.stem[-1:] in ("L", "R") else f.stem
                     out.append(Record(image_id=f"{split_dir.name}/{grade_dir.name}/{f.name}", path=str(f),
                                       source="knee", split=split, anatomy=ANATOMY.index("knee"),
-                                      views=(1, 0, 0), kl=int(grade_dir.name)))
+                                      views=(1, 0, 0), kl=int(grade_dir.name), group=f"knee:{patient}"))
     return out
 
 

@@ -222,8 +222,8 @@ def _device_name(device: str) -> str:
 HEAD_DEFAULTS = {
     # name: (kind, labels, arch, source filter)
     "fracture": ("binary", ["absent", "present"], {"type": "attn+patch", "hidden": 256, "dropout": 0.3}),
-    "kl_grade": ("ordinal", list(D.KL_GRADES), {"type": "branch", "branch_depth": 1, "hidden": 256, "dropout": 0.3,
-                                                "ordinal_weight": 1.0, "flip_augmentation": 1}),
+    "kl_grade": ("ordinal", list(D.KL_GRADES), {"type": "branch", "branch_depth": 2, "hidden": 256, "dropout": 0.3,
+                                                "ordinal_weight": 1.0, "image_augmentation": 1, "token_keep": 1}),
     "anatomy": ("categorical", list(D.ANATOMY), {"type": "attn", "hidden": 256, "dropout": 0.3,
                                                  "geometry_augmentation": 1}),
     "view": ("categorical", list(D.VIEWS), {"type": "attn", "hidden": 256, "dropout": 0.3}),
@@ -443,7 +443,8 @@ def train_head(name: str, kind: str, labels: list[str], arch: dict, tokens: torc
                dev_tokens: torch.Tensor, dev_y: np.ndarray, *, epochs: int = 40, lr: float = 1e-3,
                weight_decay: float = 0.05, batch_size: int = 128, seed: int = 0,
                patch_y: np.ndarray | None = None, patch_ok: np.ndarray | None = None, patch_weight: float = 1.0,
-               device: str = "cpu", dev_boxes: np.ndarray | None = None, encoder=None):
+               device: str = "cpu", dev_boxes: np.ndarray | None = None, encoder=None,
+               images: DeviceImages | None = None):
     """Train one head on frozen tokens; keep the epoch that scores best on the development split.
 
     ``dev_boxes`` (development images x patches, > 0 inside a fracture box, all 0 for images without
@@ -452,13 +453,26 @@ def train_head(name: str, kind: str, labels: list[str], arch: dict, tokens: torc
 
     A ``branch`` head (``encoder``: the encoder whose last blocks it starts from) fine-tunes its
     blocks at ``branch_lr`` (default 1e-4) and its attention head at ``lr``; it sees a random
-    ``token_keep`` share (default 0.6) of the patch tokens per step, the others dropped."""
-    from inference.heads import build_head, n_outputs
+    ``token_keep`` share (default 0.6) of the patch tokens per step, the others dropped.
+
+    ``images`` (the training images, in the order of ``y``; ``tokens`` then None): a branch head's
+    inputs are made afresh each step from randomly augmented images (:func:`augment` at strength
+    ``arch['image_augmentation']``, gamma ``arch['gamma']``, default 0.25) through the frozen
+    encoder up to the branch's input block, instead of being read from ``tokens``."""
+    from inference.heads import build_head, input_layer, n_outputs
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     branch = arch.get("type") == "branch"
-    head = build_head(arch, tokens.shape[-1], n_outputs(kind, labels), encoder).to(device)
+    if images is not None:
+        if not branch or encoder is None:
+            raise ValueError("image_augmentation trains branch heads only (on the encoder's tapped tokens)")
+        layer = input_layer(arch, len(encoder.blocks))
+        strength, gamma = float(arch["image_augmentation"]), float(arch.get("gamma", 0.25))
+        encoder.eval()
+    dim = dev_tokens.shape[-1] if tokens is None and dev_tokens is not None else (
+        tokens.shape[-1] if tokens is not None else encoder.norm.normalized_shape[0])
+    head = build_head(arch, dim, n_outputs(kind, labels), encoder).to(device)
     if branch:
         trunk = list(head.blocks.parameters()) + list(head.norm.parameters())
         groups = [{"params": trunk, "lr": float(arch.get("branch_lr", 1e-4))},
@@ -474,11 +488,11 @@ def train_head(name: str, kind: str, labels: list[str], arch: dict, tokens: torc
     if kind == "binary":
         pos = float(np.mean(y))
         pos_weight = min(10.0, (1 - pos) / max(pos, 1e-3)) if 0 < pos < 1 else None
-    n = len(tokens)
+    n = len(images) if images is not None else len(tokens)
     steps = max(1, math.ceil(n / batch_size))
     total = steps * epochs
     best, best_state, history = -1e9, None, []
-    step = 0
+    step, t0 = 0, time.time()
     for epoch in range(epochs):
         head.train()
         perm = torch.randperm(n, generator=gen)
@@ -486,7 +500,13 @@ def train_head(name: str, kind: str, labels: list[str], arch: dict, tokens: torc
             idx = perm[s * batch_size:(s + 1) * batch_size]
             if len(idx) == 0:
                 continue
-            tok = tokens[idx].to(device).float()
+            if images is not None:
+                x, black = images.batch(idx.numpy(), gen, gamma)
+                with torch.no_grad(), autocast(device):
+                    _, taps = encoder.forward_taps(augment(x, black, gen, strength), taps=(layer,), final=False)
+                tok = taps[layer].float()
+            else:
+                tok = tokens[idx].to(device).float()
             if branch:  # drop patch tokens outright: the branch's attention then sees a random subset
                 n_keep = max(1, int(round((tok.shape[1] - 1) * token_keep)))
                 keep = (torch.argsort(torch.rand(tok.shape[0], tok.shape[1] - 1, generator=gen), 1)[:, :n_keep]
@@ -496,7 +516,8 @@ def train_head(name: str, kind: str, labels: list[str], arch: dict, tokens: torc
                 # token dropout: hide a random 20 % of the patch tokens (a cheap augmentation on frozen features)
                 keep = (torch.rand(tok.shape[0], tok.shape[1] - 1, generator=gen) > 0.2).to(device)
                 tok = torch.cat([tok[:, :1], tok[:, 1:] * keep[..., None]], 1)
-            out = head(tok)
+            with autocast(device):
+                out = head(tok)
             loss = _loss(kind, out, yt[idx.to(device)], pos_weight, float(arch.get("ordinal_weight", 0.25)))
             if patch_y is not None and "patch_logits" in out:
                 ok = torch.from_numpy(patch_ok[idx.numpy()]).to(device)
@@ -518,6 +539,7 @@ def train_head(name: str, kind: str, labels: list[str], arch: dict, tokens: torc
             continue
         sc = selection_score(head, kind, dev_tokens, dev_y, dev_boxes)
         history.append({"epoch": epoch, "dev_score": round(sc, 4)})
+        log.info("head %s epoch %d: dev score %.4f (%.0f s)", name, epoch, sc, time.time() - t0)
         if sc > best:
             best, best_state = sc, {k: v.detach().clone() for k, v in head.state_dict().items()}
     head.load_state_dict(best_state)
@@ -544,9 +566,20 @@ def operating_points(y: np.ndarray, p: np.ndarray, sensitivity: float = 0.90, sp
             "target_sensitivity": sensitivity, "target_specificity": specificity}
 
 
-def dev_split(idx: np.ndarray, records: list[D.Record], fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out a deterministic 10 % of the training indices (by hash) to pick the epoch."""
-    dev = np.array([D.hash_fraction("dev:" + records[i].image_id) < fraction for i in idx])
+DEV_SPLITS = ("patient", "image")
+
+
+def dev_split(idx: np.ndarray, records: list[D.Record], fraction: float = 0.1, by: str = "patient"
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out a deterministic 10 % of the training indices (by hash) to pick the epoch.
+
+    ``by`` "patient": hash the patient where the data names one (the knee set's two knees of a patient
+    then fall on the same side; otherwise a head is selected on the other knee of patients it trained
+    on); "image": hash the image id (what heads fitted before model 0.4.0 were selected with)."""
+    if by not in DEV_SPLITS:
+        raise ValueError(f"dev split by {by!r}: expected one of {', '.join(DEV_SPLITS)}")
+    dev = np.array([D.hash_fraction("dev:" + (records[i].split_key if by == "patient" else records[i].image_id))
+                    < fraction for i in idx], dtype=bool)
     return idx[~dev], idx[dev]
 
 
@@ -562,7 +595,7 @@ def subsample_labels(idx: np.ndarray, y: np.ndarray, n: int, seed: int) -> np.nd
 
 def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[str] | None = None,
              arch: dict | None = None, epochs: int = 40, seed: int = 0, max_labels: int | None = None,
-             lr: float = 1e-3) -> dict:
+             lr: float = 1e-3, dev_split_by: str = "patient") -> dict:
     """Train head ``name`` on ``emb``'s train split; thresholds and metrics on its val split."""
     d_kind, d_labels, d_arch = HEAD_DEFAULTS.get(name, ("binary", ["absent", "present"], {"type": "linear"}))
     kind, labels, arch = kind or d_kind, labels or d_labels, {**d_arch, **(arch or {})}
@@ -576,7 +609,7 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
     def ys(idx):
         return np.array([y_all[i] for i in idx], dtype=np.int64) if len(idx) else np.zeros(0, np.int64)
 
-    tr, dev = dev_split(tr_all, emb.records)
+    tr, dev = dev_split(tr_all, emb.records, by=dev_split_by)
     if max_labels is not None:
         # a label budget covers everything: no extra development labels to pick the epoch with
         tr = subsample_labels(tr_all, ys(tr_all), max_labels, seed)
@@ -592,6 +625,12 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
     layer = input_layer(arch, emb.cfg.depth)
     tokens = emb.inputs(layer)
     train_tokens, train_y = tokens[tr], ys(tr)
+    images = None
+    if arch.get("image_augmentation"):  # augmented images through the frozen encoder each step (mirroring included)
+        if layer is None or patch_y is not None:
+            raise ValueError("image_augmentation is for branch heads without patch maps")
+        arch = {k: v for k, v in arch.items() if k != "flip_augmentation"}
+        images, train_tokens = DeviceImages(emb.canvases[tr], [emb.geos[i] for i in tr], emb.device), None
     if int(arch.get("geometry_augmentation", 0)) and layer is not None:
         raise ValueError("geometry_augmentation re-frames final tokens only; not for branch heads")
     for copy in range(int(arch.get("geometry_augmentation", 0))):
@@ -611,7 +650,7 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
     fits = [train_head(name, kind, labels, {**arch, "members": 1}, train_tokens, train_y,
                        tokens[dev] if dev is not None else None, ys(dev) if dev is not None else None,
                        epochs=epochs, seed=seed + k, patch_y=patch_y, patch_ok=patch_ok, lr=lr, device=emb.device,
-                       dev_boxes=dev_boxes, encoder=emb.mae.encoder)
+                       dev_boxes=dev_boxes, encoder=emb.mae.encoder, images=images)
             for k in range(members)]
     if members == 1:
         head, info = fits[0]
@@ -619,8 +658,8 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
         from inference.heads import EnsembleHead
 
         head = EnsembleHead([h for h, _ in fits]).eval()
-        info = {"best_epoch": [i["best_epoch"] for i in fits], "member_dev_scores": [i["dev_score"] for i in fits],
-                "history": [i["history"] for i in fits], "dev_score": float("nan")}
+        info = {"best_epoch": [i["best_epoch"] for _, i in fits], "member_dev_scores": [i["dev_score"] for _, i in fits],
+                "history": [i["history"] for _, i in fits], "dev_score": float("nan")}
         if dev is not None:
             info["dev_score"] = selection_score(head, kind, tokens[dev], ys(dev), dev_boxes)
     from inference.bundle import half
@@ -633,7 +672,8 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
         info["decision_scores"] = {rule: round(score(kind, ys(dev), p_dev, rule), 4) for rule in DECISIONS}
         arch = {**arch, "decision": max(DECISIONS, key=lambda r: info["decision_scores"][r])}
     result = {"head": head, "kind": kind, "labels": labels, "arch": arch, "train_images": int(len(tr)),
-              "dev_images": int(len(dev)) if dev is not None else 0, "val_images": int(len(va)), "selection": info}
+              "dev_images": int(len(dev)) if dev is not None else 0, "val_images": int(len(va)), "selection": info,
+              "dev_split": dev_split_by}
     if len(va):
         p, _ = predict_tokens(head, kind, tokens[va])
         result["val_y"], result["val_p"] = ys(va), p
@@ -666,6 +706,7 @@ def save_head(bundle: str | Path, name: str, fit: dict, command: str = "", extra
                           "head (or BodyPartExamined) says knee. On a full knee radiograph it is out of its "
                           "training distribution.")
     entry["training"] = {"command": command, "train_images": fit["train_images"], "dev_images": fit["dev_images"],
+                         "dev_split": fit["dev_split"],
                          "val_images": fit["val_images"], "best_epoch": fit["selection"]["best_epoch"],
                          "dev_score": (None if math.isnan(fit["selection"]["dev_score"])
                                        else round(fit["selection"]["dev_score"], 4)), "fitted": _now(),
@@ -723,7 +764,8 @@ def adapt(init: str, data_dir: str, out: str, *, epochs: int = 3, batch_size: in
           head_lr: float = 1e-3, mae_weight: float = 1.0, seed: int = 0, cache: str | None = None,
           threads: int | None = None, device: str = "cpu", max_minutes: float | None = None,
           command: str = "", stop_after_epochs: int | None = None, gamma: float = 0.25,
-          augment_strength: float = 1.0, head_weights: dict[str, float] | None = None) -> Path:
+          augment_strength: float = 1.0, head_weights: dict[str, float] | None = None,
+          dev_split_by: str = "patient") -> Path:
     """Fine-tune the MAE encoder on the training labels (fracture with boxes, KL grade, anatomy, view)
     while keeping the MAE reconstruction loss, so that the decoder (anomaly maps) stays valid.
 
@@ -746,7 +788,7 @@ def adapt(init: str, data_dir: str, out: str, *, epochs: int = 3, batch_size: in
     cache = cache or str(Path("/tmp") / f"msk-cache-{cfg.image_size}.npz")
     canvases, geos = D.build_cache(records, cfg.image_size, cache)
     images = DeviceImages(canvases, geos, device)
-    train_idx, dev_idx = dev_split(np.arange(len(records)), records)
+    train_idx, dev_idx = dev_split(np.arange(len(records)), records, by=dev_split_by)
 
     heads = torch.nn.ModuleDict()
     targets = {}
@@ -837,6 +879,7 @@ def adapt(init: str, data_dir: str, out: str, *, epochs: int = 3, batch_size: in
                      "gamma": gamma, "augment_strength": augment_strength, "labels": list(ADAPT_HEADS),
                      "head_weights": weights,
                      "device": _device_name(device), "train_images": int(n), "dev_images": int(len(dev_idx)),
+                     "dev_split": dev_split_by,
                      "best_epoch": best_epoch, "dev_score": round(best_score, 4), "history": history}
             write_pretrained_bundle(out, mae, cfg, training={**pre, "adapt": stage, "adapt_stages": earlier + [stage]})
         else:  # keep the best epoch's weights; only the history grows

@@ -104,19 +104,22 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_taps(x, keep)[0]
 
-    def forward_taps(self, x: torch.Tensor, keep: torch.Tensor | None = None, taps=()
-                     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Final (normed) tokens, and the raw tokens after each block index in ``taps`` (inputs of branch heads)."""
+    def forward_taps(self, x: torch.Tensor, keep: torch.Tensor | None = None, taps=(), final: bool = True
+                     ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+        """Final (normed) tokens, and the raw tokens after each block index in ``taps`` (inputs of branch heads).
+
+        ``final`` False: stop after the deepest tap and return None for the final tokens."""
         t = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos
         if keep is not None:
             t = torch.gather(t, 1, keep[..., None].expand(-1, -1, t.shape[-1]))
         t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
         tapped = {}
-        for i, blk in enumerate(self.blocks):
+        last = len(self.blocks) - 1 if final or not taps else max(taps)
+        for i, blk in enumerate(self.blocks[:last + 1]):
             t = blk(t)
             if i in taps:
                 tapped[i] = t
-        return self.norm(t), tapped
+        return (self.norm(t) if final else None), tapped
 
 
 class Decoder(nn.Module):

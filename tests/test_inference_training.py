@@ -51,11 +51,16 @@ def test_pack_pretrain_adapt_fit_heads_infer(tmp_path):
 
     assert main(["model", "fit-heads", "--bundle", str(ad), "--data", str(data), "--head", "fracture",
                  "--head", "kl_grade", "--head", "anatomy", "--head", "anomaly", "--epochs", "2",
-                 "--arch", "ordinal_weight=1.0", "--cache-dir", str(tmp_path), "--threads", "2"]) == 0
+                 "--arch", "ordinal_weight=1.0", "--arch", "branch_depth=1", "--cache-dir", str(tmp_path),
+                 "--threads", "2"]) == 0
     model = load_bundle(ad, "cpu")
-    assert model.card.heads["kl_grade"].arch["ordinal_weight"] == 1.0
-    # the KL grade is a branch: its own copy of the last block, reading the tokens after block 0 of 2
-    assert model.card.heads["kl_grade"].arch["type"] == "branch" and model.head_inputs["kl_grade"] == 0
+    kl = model.card.heads["kl_grade"]
+    assert kl.arch["ordinal_weight"] == 1.0 and kl.arch["image_augmentation"] == 1
+    # the KL grade is a branch: its own copy of the last block, reading the tokens after block 0 of 2,
+    # trained on augmented images through the frozen encoder; selected on a split held out by patient
+    assert kl.arch["type"] == "branch" and model.head_inputs["kl_grade"] == 0
+    meta = json.loads((ad / "configs" / "metadata.json").read_text())["msk_node"]["heads"]
+    assert meta["kl_grade"]["training"]["dev_split"] == "patient" and meta["kl_grade"]["training"]["dev_images"] > 0
     assert model.head_inputs["fracture"] is None
     assert {"fracture", "kl_grade", "anatomy"} <= set(model.heads)
     # weights are stored as float16 and come back as the model's float32
@@ -63,6 +68,40 @@ def test_pack_pretrain_adapt_fit_heads_infer(tmp_path):
     res, = model.predict_datasets([pydicom.dcmread(get_testdata_file("RG3_J2KI.dcm"))])
     assert res.processed and 0 <= res.fracture.probability <= 1
     assert res.anomaly_map is not None and res.anomaly_map.shape == (res.rows, res.columns)
+
+    # an ensemble of two branches (seeds 0 and 1), selected on the image-level split of models before 0.4.0
+    assert main(["model", "fit-heads", "--bundle", str(ad), "--data", str(data), "--head", "kl_grade", "--epochs", "1",
+                 "--arch", "branch_depth=1", "--arch", "members=2", "--dev-split", "image",
+                 "--cache-dir", str(tmp_path), "--threads", "2"]) == 0
+    entry = json.loads((ad / "configs" / "metadata.json").read_text())["msk_node"]["heads"]["kl_grade"]
+    assert entry["training"]["dev_split"] == "image" and entry["training"]["best_epoch"] == [0, 0]
+    model = load_bundle(ad, "cpu")
+    assert len(model.heads["kl_grade"].members) == 2 and model.head_inputs["kl_grade"] == 0
+    res, = model.predict_datasets([pydicom.dcmread(get_testdata_file("RG3_J2KI.dcm"))])
+    assert res.processed
+
+
+def test_development_split_keeps_a_patients_knees_together(tmp_path):
+    from inference import data as D
+    from inference.training import dev_split
+
+    for grade in "01234":
+        (tmp_path / "knee-kl" / "train" / grade).mkdir(parents=True)
+    patients = [f"9{n:06d}" for n in range(300)]
+    for k, p in enumerate(patients):  # the two knees of a patient often differ in grade
+        for side, grade in (("L", k % 5), ("R", (k + 1) % 5)):
+            (tmp_path / "knee-kl" / "train" / str(grade) / f"{p}{side}.jpg").write_bytes(b"")
+    records = D.read_knee(tmp_path / "knee-kl")
+    assert {r.group for r in records} == {f"knee:{p}" for p in patients}
+    idx = np.arange(len(records))
+    tr, dev = dev_split(idx, records)
+    assert 0 < len(dev) < len(records) / 4
+    assert not {records[i].group for i in tr} & {records[i].group for i in dev}
+    # by image (the split before model 0.4.0): patients straddle it
+    tr_i, dev_i = dev_split(idx, records, by="image")
+    assert {records[i].group for i in tr_i} & {records[i].group for i in dev_i}
+    with pytest.raises(ValueError, match="dev split"):
+        dev_split(idx, records, by="study")
 
 
 def test_device_batches_standardise_like_inference():
@@ -146,6 +185,10 @@ def test_branch_head_starts_as_the_encoders_own_last_blocks():
             t = blk(t)
         torch.testing.assert_close(head.norm(t), final)
         assert head(taps[layer])["logits"].shape == (2, 5)
+        # training makes a branch's inputs with only the blocks up to the tap
+        none, only = enc.forward_taps(x, taps=(layer,), final=False)
+        assert none is None and set(only) == {layer}
+        torch.testing.assert_close(only[layer], taps[layer])
     # a configuration alone builds the same shape (loading from a bundle); a bad depth is refused
     assert set(build_head(arch, cfg.dim, 5, cfg).state_dict()) == set(head.state_dict())
     with pytest.raises(ValueError, match="branch_depth"):
