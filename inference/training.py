@@ -470,8 +470,7 @@ def train_head(name: str, kind: str, labels: list[str], arch: dict, tokens: torc
         layer = input_layer(arch, len(encoder.blocks))
         strength, gamma = float(arch["image_augmentation"]), float(arch.get("gamma", 0.25))
         encoder.eval()
-    dim = dev_tokens.shape[-1] if tokens is None and dev_tokens is not None else (
-        tokens.shape[-1] if tokens is not None else encoder.norm.normalized_shape[0])
+    dim = encoder.norm.normalized_shape[0] if images is not None else tokens.shape[-1]
     head = build_head(arch, dim, n_outputs(kind, labels), encoder).to(device)
     if branch:
         trunk = list(head.blocks.parameters()) + list(head.norm.parameters())
