@@ -179,6 +179,7 @@ def render(root: str | Path) -> str:
         if layer is None:
             continue
         depth = cfg["depth"] - 1 - layer
+        dev_by = node["heads"].get(n, {}).get("training", {}).get("dev_split")
         branches.append(
             f"the {n} head is a *branch*: its own copy of the encoder's last {depth} block(s) and final norm, "
             f"initialised from them and fine-tuned (lr {h.arch.get('branch_lr', 1e-4)}) on the tokens after block "
@@ -186,8 +187,7 @@ def render(root: str | Path) -> str:
                           if h.arch.get("flip_augmentation") else "")
             + (", from randomly augmented training images (flip, scale, shift, rotation, gamma) passed through "
                "the frozen encoder at every step" if h.arch.get("image_augmentation") else "")
-            + (f", development split held out by {h_dev}" if (h_dev := node["heads"].get(n, {}).get(
-                "training", {}).get("dev_split")) else "")
+            + (f", development split held out by {dev_by}" if dev_by else "")
             + f", so the shared encoder still runs once and the branch adds {depth}/{cfg['depth']} of a pass, "
               "only on the images it applies to")
     a("Heads are trained on the frozen encoder's tokens" + "".join("; " + b for b in branches) + ".\n")

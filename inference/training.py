@@ -622,14 +622,15 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
     from inference.heads import input_layer
 
     layer = input_layer(arch, emb.cfg.depth)
-    tokens = emb.inputs(layer)
-    train_tokens, train_y = tokens[tr], ys(tr)
-    images = None
+    tokens = emb.inputs(layer)  # development and val inputs (and training inputs, unless made from images)
+    train_y, images = ys(tr), None
     if arch.get("image_augmentation"):  # augmented images through the frozen encoder each step (mirroring included)
         if layer is None or patch_y is not None:
             raise ValueError("image_augmentation is for branch heads without patch maps")
         arch = {k: v for k, v in arch.items() if k != "flip_augmentation"}
         images, train_tokens = DeviceImages(emb.canvases[tr], [emb.geos[i] for i in tr], emb.device), None
+    else:
+        train_tokens = tokens[tr]
     if int(arch.get("geometry_augmentation", 0)) and layer is not None:
         raise ValueError("geometry_augmentation re-frames final tokens only; not for branch heads")
     for copy in range(int(arch.get("geometry_augmentation", 0))):
