@@ -47,10 +47,17 @@ def _json_or_text(value: str):
         return value
 
 
-def _dev_split_option(p) -> None:
-    p.add_argument("--dev-split", choices=("patient", "image"), default="patient",
-                   help="hold out the development split by patient where the data names one (default), or by "
-                        "image (how heads and the encoder adaptation before model 0.4.0 were selected)")
+DEV_SPLIT_CHOICES = ("patient", "image", "image-exclusive")  # inference.training.DEV_SPLITS (no torch import here)
+
+
+def _dev_split_option(p, default: str | None) -> None:
+    p.add_argument("--dev-split", choices=DEV_SPLIT_CHOICES, default=default,
+                   help="how the development split is held out: by patient where the data names one; by image "
+                        "(how heads and the encoder adaptation before model 0.4.0 were selected); image-exclusive: "
+                        "by image, with those patients' other images left out of training"
+                        + (f" (default: {default})" if default else
+                           " (default: the split the encoder's adaptation held out, made patient-disjoint, so that "
+                           "neither the encoder nor the head trained on it)"))
 
 
 def cmd_pretrain(args) -> int:
@@ -111,7 +118,7 @@ def register(sub) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that passes this")
     p.add_argument("--stop-after-epochs", type=int, default=None,
                    help="stop after N epochs of a schedule planned for --epochs (deterministic)")
-    _dev_split_option(p)
+    _dev_split_option(p, "patient")
     p.set_defaults(func=cmd_pretrain)
     register_more(sub, msub)
 
@@ -152,11 +159,32 @@ def cmd_fit_heads(args) -> int:
         save_head(args.bundle, name, fit, command=command, extra={"seed": args.seed, "epochs": args.epochs,
                                                                    "max_labels": args.max_labels})
         msg = (f"head {name}: {fit['train_images']} train images, epoch {fit['selection']['best_epoch']}, "
-               f"dev score {fit['selection']['dev_score']:.3f}")  # nan when a label budget left no dev set
+               f"dev score {fit['selection']['dev_score']:.3f} "  # nan when a label budget left no dev set
+               f"({fit['dev_images']} images held out by {fit['dev_split']})")
+        if fit.get("calibration"):
+            msg += f", Platt scaling {fit['calibration']['scale']:.4f} x logit {fit['calibration']['shift']:+.4f}"
         if "operating_points" in fit:
             op = fit["operating_points"]
             msg += f", thresholds suspected {op['suspected']:.4f} definite {op['definite']:.4f}"
         print(msg)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    _threads(args)
+    from inference import data as D
+    from inference.training import Embedded, calibrate_head
+
+    emb = Embedded(args.bundle, D.read_layout(args.data), args.cache_dir, device=args.device)
+    for name in args.head:
+        try:
+            entry = calibrate_head(emb, args.bundle, name, command=_command_line())
+        except ValueError as exc:
+            raise SystemExit(f"calibrate: {exc}") from None
+        cal, op = entry["calibration"], entry["operating_points"]
+        print(f"head {name}: Platt scaling {cal['scale']:.4f} x logit {cal['shift']:+.4f} on {cal['images']} "
+              f"development images, log loss {cal['log_loss_before']:.4f} -> {cal['log_loss_after']:.4f}; "
+              f"thresholds suspected {op['suspected']:.4f} definite {op['definite']:.4f}")
     return 0
 
 
@@ -356,8 +384,17 @@ def register_more(sub, msub) -> None:
     p.add_argument("--cache-dir", default=None, help="where decoded images and embeddings are cached (/tmp)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
-    _dev_split_option(p)
+    _dev_split_option(p, None)
     p.set_defaults(func=cmd_fit_heads)
+
+    p = msub.add_parser("calibrate", help="Platt-scale binary heads on their development split; thresholds again on val")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--data", required=True, help="data directory (msk-xray layout) the heads were fitted on")
+    p.add_argument("--head", action="append", required=True, help="binary head (repeatable)")
+    p.add_argument("--cache-dir", default=None, help="where decoded images and embeddings are cached (/tmp)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_calibrate)
 
     p = msub.add_parser("evaluate", help="metrics.json and plots on every split found under --data")
     p.add_argument("--bundle", default=None, help="bundle (default: the shipped model)")

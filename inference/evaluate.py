@@ -37,6 +37,11 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, ops) -> dict:
     if len(set(y.tolist())) < 2:
         return out
     out["auroc"] = float(roc_auc_score(y, p))
+    # calibration: do the probabilities read as frequencies? (log loss and Brier score; lower is better)
+    q = np.clip(p, 1e-7, 1 - 1e-7)
+    out["log_loss"] = float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+    out["brier"] = float(np.mean((p - y) ** 2))
+    out["mean_probability"] = float(p.mean())
     for name, thr in (("suspected", ops.suspected), ("definite", ops.definite)):
         pred = p >= thr
         out[name] = {"threshold": float(thr), "sensitivity": float(pred[y == 1].mean()),
@@ -85,12 +90,14 @@ def split_metrics(model, records: list[D.Record], results) -> dict:
         p = np.array([res.fracture.probability for _, res in frac])
         m["fracture"] = binary_metrics(y, p, card.heads["fracture"].operating_points)
         # localisation: share of fractured images with boxes whose map peak falls inside a box
-        hits_a, hits_f, shares = [], [], []
+        hits_a, hits_f, hits_c, shares = [], [], [], []
         for r, res in frac:
             if r.fractured != 1 or not r.boxes:
                 continue
             bx = [(x0 * res.columns, y0 * res.rows, x1 * res.columns, y1 * res.rows) for x0, y0, x1, y1 in r.boxes]
             shares.append(box_share(bx, res.rows, res.columns))
+            # a map that always peaks at the image's centre: what a hit rate must beat besides the box share
+            hits_c.append(any(x0 <= res.columns / 2 <= x1 and y0 <= res.rows / 2 <= y1 for x0, y0, x1, y1 in bx))
             if res.anomaly_map is not None:
                 hits_a.append(peak_in_boxes(res.anomaly_map, bx))
             if res.fracture_map is not None:
@@ -99,6 +106,7 @@ def split_metrics(model, records: list[D.Record], results) -> dict:
             m["localisation"] = {
                 "images_with_boxes": len(shares),
                 "box_share_of_image": float(np.mean(shares)),
+                "centre_hit_rate": float(np.mean(hits_c)),
                 "anomaly_map_hit_rate": float(np.mean(hits_a)) if hits_a else None,
                 "fracture_map_hit_rate": float(np.mean(hits_f)) if hits_f else None,
             }
@@ -168,6 +176,7 @@ def headline(metrics: dict) -> dict:
         h["anomaly_map_hit_rate"] = metrics["localisation"]["anomaly_map_hit_rate"]
         h["fracture_map_hit_rate"] = metrics["localisation"]["fracture_map_hit_rate"]
         h["box_share_of_image"] = metrics["localisation"]["box_share_of_image"]
+        h["centre_hit_rate"] = metrics["localisation"]["centre_hit_rate"]
     return h
 
 

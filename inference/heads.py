@@ -164,6 +164,28 @@ def build_head(arch: dict, dim: int, n_out: int, encoder=None) -> nn.Module:
     raise ValueError(f"unknown head type {kind!r} (known: {', '.join(HEAD_TYPES)})")
 
 
+def logit_layer(head: nn.Module) -> nn.Linear:
+    """The linear layer that produces a head's image-level ``logits``."""
+    if isinstance(head, AttnPatchHead):
+        return head.image.mlp[-1]
+    if isinstance(head, AttnHead):
+        return head.mlp[-1]
+    if isinstance(head, LinearHead):
+        return head.fc
+    if isinstance(head, BranchHead):
+        return head.head.mlp[-1]
+    raise ValueError(f"{type(head).__name__} has no single logit layer (an ensemble averages probabilities)")
+
+
+@torch.no_grad()
+def rescale_logits(head: nn.Module, scale: float, shift: float) -> None:
+    """``logits -> scale * logits + shift``, folded into the head's last linear layer (calibration):
+    the stored weights then give calibrated probabilities with no extra step at inference."""
+    layer = logit_layer(head)
+    layer.weight.mul_(scale)
+    layer.bias.mul_(scale).add_(shift)
+
+
 def n_outputs(kind: str, labels) -> int:
     return 1 if kind == "binary" else len(labels)
 

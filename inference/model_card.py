@@ -18,6 +18,10 @@ TARGETS = {  # issue 3: floors on the val splits
     "anatomy_accuracy": (0.95, "Anatomy accuracy"),
 }
 
+DEV_SPLIT_TEXT = {"patient": "by patient", "image": "by image",
+                  "image-exclusive": "by image (the images the encoder's adaptation held out), the same patients' "
+                                     "other images left out of the head's training"}
+
 
 def _f(v, nd=3):
     return "n/a" if v is None else f"{v:.{nd}f}"
@@ -139,10 +143,12 @@ def render(root: str | Path) -> str:
             a(f"#   stopped after {st['epochs_done']} of {st['epochs']} epochs; deterministic equivalent: "
               f"add --stop-after-epochs {st['epochs_done']}")
     cmds = []
-    # in the order they ran: heads re-fitted later carry a later "fitted" time (older entries have none)
-    fitted = sorted(node["heads"].values(), key=lambda h: h.get("training", {}).get("fitted") or "")
-    for h in fitted:
-        c = h.get("training", {}).get("command")
+    # in the order they ran: heads re-fitted (or calibrated) later carry a later time (older entries have none)
+    steps = sorted([(h.get("training", {}).get("fitted") or "", h.get("training", {}).get("command"))
+                    for h in node["heads"].values()]
+                   + [(h["calibration"].get("calibrated") or "~", h["calibration"].get("command"))
+                      for h in node["heads"].values() if h.get("calibration")], key=lambda t: t[0])
+    for _, c in steps:
         if c and c not in cmds:
             cmds.append(c)
     if node.get("anomaly", {}).get("command") and node["anomaly"]["command"] not in cmds:
@@ -187,7 +193,7 @@ def render(root: str | Path) -> str:
                           if h.arch.get("flip_augmentation") else "")
             + (", from randomly augmented training images (flip, scale, shift, rotation, gamma) passed through "
                "the frozen encoder at every step" if h.arch.get("image_augmentation") else "")
-            + (f", development split held out by {dev_by}" if dev_by else "")
+            + (f", development split held out {DEV_SPLIT_TEXT.get(dev_by, 'by ' + dev_by)}" if dev_by else "")
             + f", so the shared encoder still runs once and the branch adds {depth}/{cfg['depth']} of a pass, "
               "only on the images it applies to")
     a("Heads are trained on the frozen encoder's tokens" + "".join("; " + b for b in branches) + ".\n")
@@ -222,6 +228,15 @@ def render(root: str | Path) -> str:
       "do not resolve). Binary operating "
       "points are chosen on val: *suspected* = the highest threshold keeping sensitivity >= 0.90, *definite* = "
       "the lowest threshold reaching specificity >= 0.95.\n")
+    for name in card.heads:
+        cal = node["heads"].get(name, {}).get("calibration")
+        if cal:
+            a(f"The {name} head's probabilities are **calibrated** (Platt scaling, folded into its last layer: "
+              f"{cal.get('scale_total', cal['scale']):.4f} x logit {cal.get('shift_total', cal['shift']):+.4f}), "
+              f"fitted on {cal['images']} development images ({cal['positives']} positive; log loss "
+              f"{cal['log_loss_before']:.4f} before, {cal['log_loss_after']:.4f} after), so that a reported "
+              "probability reads as the share of such images that are positive; the ranking, and with it the AUROC, "
+              "is unchanged, and the operating points were chosen after calibration.\n")
     tum = card.heads.get("tumour")
     if tum is not None and not tum.has_weights:
         a("**Bone tumour head**: the bundle format and the outputs have its slot, but it ships **no weights**: "
@@ -248,6 +263,9 @@ def render(root: str | Path) -> str:
           f"box share | |")
         a(f"| Share of the image covered by fracture boxes (chance hit rate) | "
           f"{_f(val.get('box_share_of_image'))} | | |")
+        if val.get("centre_hit_rate") is not None:
+            a(f"| Hit rate of the image's centre (a map that always peaks there) | "
+              f"{_f(val.get('centre_hit_rate'))} | | |")
         a("")
         fr = details.get("fracture", {})
         for op in ("suspected", "definite"):
@@ -255,6 +273,10 @@ def render(root: str | Path) -> str:
                 a(f"- Fracture at *{op}* (threshold {fr[op]['threshold']:.4f}): sensitivity "
                   f"{fr[op]['sensitivity']:.3f}, specificity {fr[op]['specificity']:.3f} "
                   f"({fr.get('positives')} fractured of {fr.get('n')} FracAtlas val images).")
+        if "log_loss" in fr:
+            a(f"- Fracture probability calibration on val: log loss {fr['log_loss']:.3f}, Brier score "
+              f"{fr['brier']:.3f}, mean probability {fr['mean_probability']:.3f} against a fractured share of "
+              f"{fr['positives'] / fr['n']:.3f}.")
         an = details.get("anatomy", {})
         if an.get("accuracy_by_source"):
             a("- Anatomy accuracy by source: " + ", ".join(f"{s} {v:.3f}" for s, v in an["accuracy_by_source"].items())

@@ -426,6 +426,61 @@ def predict_tokens(head, kind: str, tokens: torch.Tensor, batch_size: int = 512)
     return np.concatenate(ps), (np.concatenate(pm) if pm else None)
 
 
+@torch.no_grad()
+def predict_logits(head, tokens: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    """A binary head's image-level logits (float64) on ``tokens``."""
+    head.eval()
+    device = next(head.parameters()).device
+    return np.concatenate([head(tokens[s:s + batch_size].to(device).float())["logits"][:, 0].double().cpu().numpy()
+                           for s in range(0, len(tokens), batch_size)])
+
+
+def log_loss(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean binary cross-entropy of ``sigmoid(logits)`` against 0/1 labels ``y``."""
+    return float(np.mean(np.logaddexp(0.0, logits) - y * logits))
+
+
+def platt(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Platt scaling: ``(scale, shift)`` minimising the log loss of ``sigmoid(scale * logit + shift)`` on
+    held-out labels, against Platt's smoothed targets ((n+ + 1)/(n+ + 2) and 1/(n- + 2)) so that a
+    few dozen held-out positives cannot make it overconfident. ``scale`` > 0 keeps the ranking:
+    AUROC, and the sensitivity and specificity at operating points chosen afterwards, do not change."""
+    from scipy.optimize import minimize
+    from scipy.special import expit
+
+    z, y = np.asarray(logits, np.float64), np.asarray(y, np.float64)
+    n_pos = float(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("calibration needs held-out images of both classes")
+    t = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+
+    def loss(w):
+        s = w[0] * z + w[1]
+        g = expit(s) - t
+        return float(np.sum(np.logaddexp(0.0, s) - t * s)), np.array([np.sum(g * z), np.sum(g)])
+
+    res = minimize(loss, x0=np.array([1.0, 0.0]), jac=True, method="L-BFGS-B", bounds=[(1e-3, None), (None, None)])
+    return float(res.x[0]), float(res.x[1])
+
+
+def calibrate(head, tokens: torch.Tensor, y: np.ndarray) -> dict:
+    """Platt-scale a binary head on held-out ``tokens``/``y``, in place (folded into its weights, as
+    stored: float16); returns the record for the card."""
+    from inference.bundle import half
+    from inference.heads import rescale_logits
+
+    y = np.asarray(y, np.float64)
+    z = predict_logits(head, tokens)
+    scale, shift = platt(z, y)
+    rescale_logits(head, scale, shift)
+    head.load_state_dict(half(head.state_dict()))
+    after = predict_logits(head, tokens)
+    return {"method": "platt", "scale": round(scale, 5), "shift": round(shift, 5), "images": int(len(y)),
+            "positives": int(y.sum()), "log_loss_before": round(log_loss(z, y), 4),
+            "log_loss_after": round(log_loss(after, y), 4)}
+
+
 def selection_score(head, kind: str, tokens: torch.Tensor, y: np.ndarray, boxes: np.ndarray | None = None) -> float:
     """:func:`score` of ``head`` on development ``tokens``; with ``boxes`` (images x patches, > 0 inside a
     fracture box) and a patch map, plus the map's hit rate: the share of boxed images whose map peaks in a box."""
@@ -565,7 +620,7 @@ def operating_points(y: np.ndarray, p: np.ndarray, sensitivity: float = 0.90, sp
             "target_sensitivity": sensitivity, "target_specificity": specificity}
 
 
-DEV_SPLITS = ("patient", "image")
+DEV_SPLITS = ("patient", "image", "image-exclusive")
 
 
 def dev_split(idx: np.ndarray, records: list[D.Record], fraction: float = 0.1, by: str = "patient"
@@ -574,12 +629,38 @@ def dev_split(idx: np.ndarray, records: list[D.Record], fraction: float = 0.1, b
 
     ``by`` "patient": hash the patient where the data names one (the knee set's two knees of a patient
     then fall on the same side; otherwise a head is selected on the other knee of patients it trained
-    on); "image": hash the image id (what heads fitted before model 0.4.0 were selected with)."""
+    on); "image": hash the image id (what heads fitted before model 0.4.0 were selected with);
+    "image-exclusive": the development images of "image" (so, the images an encoder adapted with
+    "image" never trained on), with every other image of their patients left out of training."""
     if by not in DEV_SPLITS:
         raise ValueError(f"dev split by {by!r}: expected one of {', '.join(DEV_SPLITS)}")
     dev = np.array([D.hash_fraction("dev:" + (records[i].split_key if by == "patient" else records[i].image_id))
                     < fraction for i in idx], dtype=bool)
-    return idx[~dev], idx[dev]
+    train = ~dev
+    if by == "image-exclusive":
+        held = {records[i].split_key for i in idx[dev]}
+        train &= np.array([records[i].split_key not in held for i in idx], dtype=bool)
+    return idx[train], idx[dev]
+
+
+def clean_dev_split(training: dict) -> str:
+    """The development split a head must be selected on so that neither the encoder nor the head has
+    trained on it: the encoder's adaptation stages (``training`` of a bundle's card) each held out a
+    split; a head's split must be theirs, and patient-disjoint from its own training images.
+
+    No adaptation: "patient". Stages held out by image (or recorded before the split was recorded):
+    "image-exclusive". By patient: "patient". Mixed: no split is clean for every stage; "patient"
+    (the last resort, logged)."""
+    pre = (training or {}).get("pretrain") or {}
+    stages = pre.get("adapt_stages") or ([pre["adapt"]] if pre.get("adapt") else [])
+    modes = {st.get("dev_split", "image") for st in stages}
+    if not modes or modes == {"patient"}:
+        return "patient"
+    if modes <= {"image", "image-exclusive"}:
+        return "image-exclusive"
+    log.warning("the encoder's adaptation stages held out different splits (%s): no development split "
+                "is unseen by all of them; selecting heads on a patient-level split", ", ".join(sorted(modes)))
+    return "patient"
 
 
 def subsample_labels(idx: np.ndarray, y: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -594,7 +675,7 @@ def subsample_labels(idx: np.ndarray, y: np.ndarray, n: int, seed: int) -> np.nd
 
 def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[str] | None = None,
              arch: dict | None = None, epochs: int = 40, seed: int = 0, max_labels: int | None = None,
-             lr: float = 1e-3, dev_split_by: str = "patient") -> dict:
+             lr: float = 1e-3, dev_split_by: str | None = None) -> dict:
     """Train head ``name`` on ``emb``'s train split; thresholds and metrics on its val split."""
     d_kind, d_labels, d_arch = HEAD_DEFAULTS.get(name, ("binary", ["absent", "present"], {"type": "linear"}))
     kind, labels, arch = kind or d_kind, labels or d_labels, {**d_arch, **(arch or {})}
@@ -608,6 +689,8 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
     def ys(idx):
         return np.array([y_all[i] for i in idx], dtype=np.int64) if len(idx) else np.zeros(0, np.int64)
 
+    if dev_split_by is None:  # held out of the encoder's adaptation too (see clean_dev_split)
+        dev_split_by = clean_dev_split(emb.card.meta.get("msk_node", {}).get("training", {}))
     tr, dev = dev_split(tr_all, emb.records, by=dev_split_by)
     if max_labels is not None:
         # a label budget covers everything: no extra development labels to pick the epoch with
@@ -666,6 +749,13 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
     from inference.results import DECISIONS
 
     head.load_state_dict(half(head.state_dict()))  # as it will be stored and loaded: thresholds fit those weights
+    calibration = None
+    if kind == "binary" and dev is not None and members == 1 and len(set(ys(dev).tolist())) == 2:
+        # probabilities a reader can take at face value: Platt scaling on the development split
+        calibration = calibrate(head, tokens[dev], ys(dev))
+        log.info("head %s: Platt scaling %.3f x logit %+.3f, development log loss %.4f -> %.4f", name,
+                 calibration["scale"], calibration["shift"], calibration["log_loss_before"],
+                 calibration["log_loss_after"])
     if kind == "ordinal" and dev is not None and "decision" not in arch:
         # how grades are read from the probabilities: the mode or the median, whichever scores better on dev
         p_dev, _ = predict_tokens(head, kind, tokens[dev])
@@ -673,7 +763,7 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
         arch = {**arch, "decision": max(DECISIONS, key=lambda r: info["decision_scores"][r])}
     result = {"head": head, "kind": kind, "labels": labels, "arch": arch, "train_images": int(len(tr)),
               "dev_images": int(len(dev)) if dev is not None else 0, "val_images": int(len(va)), "selection": info,
-              "dev_split": dev_split_by}
+              "dev_split": dev_split_by, "calibration": calibration}
     if len(va):
         p, _ = predict_tokens(head, kind, tokens[va])
         result["val_y"], result["val_p"] = ys(va), p
@@ -700,6 +790,8 @@ def save_head(bundle: str | Path, name: str, fit: dict, command: str = "", extra
         if ops is None:
             raise ValueError(f"head {name!r}: no validation images with both classes to choose thresholds on")
         entry["operating_points"] = ops
+    if fit.get("calibration"):
+        entry["calibration"] = fit["calibration"]
     if name == "kl_grade":
         entry["applies_to"] = ["knee"]
         entry["notes"] = ("Trained on CLAHE-enhanced 224x224 knee-joint crops; reported only when the anatomy "
@@ -715,6 +807,52 @@ def save_head(bundle: str | Path, name: str, fit: dict, command: str = "", extra
                          **(extra or {})}
     meta["msk_node"]["heads"][name] = entry
     write_metadata(bundle, meta)
+
+
+def calibrate_head(emb: Embedded, bundle: str | Path, name: str, command: str = "") -> dict:
+    """Platt-scale the binary head ``name`` of ``bundle`` on the development split it was selected on,
+    then choose its operating points again on val (same sensitivity and specificity, thresholds on
+    the calibrated probabilities). For heads fitted before ``fit-heads`` calibrated them itself.
+    Calibrating twice composes: the record gives the total scale and shift."""
+    from safetensors.torch import load_file
+
+    from inference.bundle import _now, half, read_metadata, save_tensors, write_metadata
+    from inference.heads import build_head, input_layer
+
+    bundle = Path(bundle)
+    meta = read_metadata(bundle)
+    entry = meta["msk_node"]["heads"].get(name)
+    if not entry or not entry.get("weights"):
+        raise ValueError(f"{bundle}: no head {name!r} with weights")
+    if entry["kind"] != "binary":
+        raise ValueError(f"head {name!r} is {entry['kind']}: Platt scaling is for binary heads")
+    arch = entry.get("arch", {})
+    if int(arch.get("members", 1)) > 1:
+        raise ValueError(f"head {name!r} is an ensemble: its members average probabilities, calibrate them on refit")
+    head = build_head(arch, emb.cfg.dim, 1, emb.mae.encoder)
+    head.load_state_dict(load_file(str(bundle / entry["weights"])))
+    head = head.to(emb.device).eval()
+    usable, target = head_targets(name, emb.records)
+    by = entry.get("training", {}).get("dev_split") or "image"  # heads recorded without one used the image split
+    _, dev = dev_split(emb.index("train", usable), emb.records, by=by)
+    va = emb.index("val", usable)
+    tokens = emb.inputs(input_layer(arch, emb.cfg.depth))
+    y_dev = np.array([target(emb.records[i]) for i in dev])
+    y_va = np.array([target(emb.records[i]) for i in va])
+    if len(set(y_va.tolist())) < 2:
+        raise ValueError(f"head {name!r}: no validation images with both classes to choose thresholds on")
+    cal = calibrate(head, tokens[dev], y_dev)
+    p_va, _ = predict_tokens(head, "binary", tokens[va])
+    ops = operating_points(y_va, p_va)
+    previous = entry.get("calibration")
+    if previous:  # a second Platt step on calibrated logits: a2 (a1 z + c1) + c2
+        cal["scale_total"] = round(cal["scale"] * previous.get("scale_total", previous["scale"]), 5)
+        cal["shift_total"] = round(cal["scale"] * previous.get("shift_total", previous["shift"]) + cal["shift"], 5)
+    cal["dev_split"], cal["command"], cal["calibrated"] = by, command, _now()
+    save_tensors(bundle, entry["weights"], half(head.state_dict()), meta)
+    entry["operating_points"], entry["calibration"] = ops, cal
+    write_metadata(bundle, meta)
+    return entry
 
 
 def fit_anomaly(emb: Embedded, bundle: str | Path, groups: int = 4, passes: tuple[int, ...] | None = (0, 3),

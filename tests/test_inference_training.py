@@ -48,6 +48,7 @@ def test_pack_pretrain_adapt_fit_heads_infer(tmp_path):
     assert len(stage["history"]) == 2 and stage["dev_images"] > 0
     assert stage["best_epoch"] in (0, 1) and "score" in stage["history"][0]["dev"]
     assert stage["epochs_done"] == 2  # also when the last epoch was not the best
+    assert stage["dev_split"] == "patient"
 
     assert main(["model", "fit-heads", "--bundle", str(ad), "--data", str(data), "--head", "fracture",
                  "--head", "kl_grade", "--head", "anatomy", "--head", "anomaly", "--epochs", "2",
@@ -57,17 +58,34 @@ def test_pack_pretrain_adapt_fit_heads_infer(tmp_path):
     kl = model.card.heads["kl_grade"]
     assert kl.arch["ordinal_weight"] == 1.0 and kl.arch["image_augmentation"] == 1
     # the KL grade is a branch: its own copy of the last block, reading the tokens after block 0 of 2,
-    # trained on augmented images through the frozen encoder; selected on a split held out by patient
+    # trained on augmented images through the frozen encoder; selected on the split the encoder's
+    # adaptation held out (by patient), so neither the encoder nor the head trained on it
     assert kl.arch["type"] == "branch" and model.head_inputs["kl_grade"] == 0
     meta = json.loads((ad / "configs" / "metadata.json").read_text())["msk_node"]["heads"]
     assert meta["kl_grade"]["training"]["dev_split"] == "patient" and meta["kl_grade"]["training"]["dev_images"] > 0
     assert model.head_inputs["fracture"] is None
+    # the fracture head's probabilities are Platt-scaled on its development split (5 images, 1 fractured)
+    cal = meta["fracture"]["calibration"]
+    assert cal["method"] == "platt" and (cal["images"], cal["positives"]) == (5, 1) and cal["scale"] > 0
+    assert cal["log_loss_after"] <= cal["log_loss_before"] + 1e-3
     assert {"fracture", "kl_grade", "anatomy"} <= set(model.heads)
     # weights are stored as float16 and come back as the model's float32
     assert all(p.dtype == torch.float32 for p in model.mae.parameters())
     res, = model.predict_datasets([pydicom.dcmread(get_testdata_file("RG3_J2KI.dcm"))])
     assert res.processed and 0 <= res.fracture.probability <= 1
     assert res.anomaly_map is not None and res.anomaly_map.shape == (res.rows, res.columns)
+
+    # calibrating again composes with the first step; thresholds are chosen again; the bundle still verifies
+    assert main(["model", "calibrate", "--bundle", str(ad), "--data", str(data), "--head", "fracture",
+                 "--cache-dir", str(tmp_path), "--threads", "2"]) == 0
+    again = json.loads((ad / "configs" / "metadata.json").read_text())["msk_node"]["heads"]["fracture"]
+    assert again["calibration"]["scale_total"] == pytest.approx(again["calibration"]["scale"] * cal["scale"], rel=1e-3)
+    assert again["calibration"]["dev_split"] == "patient" and again["calibration"]["calibrated"]
+    assert 0 <= again["operating_points"]["suspected"] <= again["operating_points"]["definite"] <= 1
+    assert load_bundle(ad, "cpu").card.heads["fracture"].operating_points.definite == again["operating_points"]["definite"]
+    with pytest.raises(SystemExit, match="binary heads"):
+        main(["model", "calibrate", "--bundle", str(ad), "--data", str(data), "--head", "kl_grade",
+              "--cache-dir", str(tmp_path), "--threads", "2"])
 
     # an ensemble of two branches (seeds 0 and 1), selected on the image-level split of models before 0.4.0
     assert main(["model", "fit-heads", "--bundle", str(ad), "--data", str(data), "--head", "kl_grade", "--epochs", "1",
@@ -100,8 +118,30 @@ def test_development_split_keeps_a_patients_knees_together(tmp_path):
     # by image (the split before model 0.4.0): patients straddle it
     tr_i, dev_i = dev_split(idx, records, by="image")
     assert {records[i].group for i in tr_i} & {records[i].group for i in dev_i}
+    # image-exclusive: the development images of "image" (those an encoder adapted by image never saw),
+    # with their patients' other knees left out of training
+    tr_x, dev_x = dev_split(idx, records, by="image-exclusive")
+    assert dev_x.tolist() == dev_i.tolist()
+    assert not {records[i].group for i in tr_x} & {records[i].group for i in dev_x}
+    assert set(tr_x) < set(tr_i) and not set(tr_x) & set(dev_x)
     with pytest.raises(ValueError, match="dev split"):
         dev_split(idx, records, by="study")
+
+
+def test_heads_are_selected_on_a_split_the_encoder_adaptation_held_out():
+    from inference.training import clean_dev_split
+
+    def training(*stages):
+        return {"pretrain": {"epochs": 1, "adapt_stages": [dict(s) for s in stages]}}
+
+    assert clean_dev_split({}) == clean_dev_split({"pretrain": {"epochs": 3}}) == "patient"
+    assert clean_dev_split(training({"dev_split": "patient"})) == "patient"
+    # adapted by image (or before the split was recorded): the same images, made patient-disjoint
+    assert clean_dev_split(training({"dev_split": "image"})) == "image-exclusive"
+    assert clean_dev_split(training({})) == "image-exclusive"
+    assert clean_dev_split({"pretrain": {"adapt": {"epochs": 2}}}) == "image-exclusive"
+    assert clean_dev_split(training({"dev_split": "image"}, {"dev_split": "image-exclusive"})) == "image-exclusive"
+    assert clean_dev_split(training({"dev_split": "image"}, {"dev_split": "patient"})) == "patient"
 
 
 def test_device_batches_standardise_like_inference():
@@ -209,3 +249,36 @@ def test_ordinal_decisions_mode_and_median():
     assert (f.index, f.label, f.confidence) == (3, "3", pytest.approx(0.11))
     with pytest.raises(ValueError, match="decision"):
         CategoricalFinding("kl_grade", tuple("01234"), tuple(p[0]), rule="mean")
+
+
+def test_platt_scaling_undoes_an_overconfident_scale():
+    from inference.training import log_loss, platt
+
+    rng = np.random.default_rng(0)
+    s = rng.normal(0, 2, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-s))).astype(float)
+    z = 5 * s - 3  # overconfident and shifted logits of a calibrated score s
+    scale, shift = platt(z, y)
+    assert scale == pytest.approx(0.2, rel=0.1) and shift == pytest.approx(0.6, abs=0.15)
+    assert log_loss(scale * z + shift, y) < log_loss(z, y) - 0.1
+    with pytest.raises(ValueError, match="both classes"):
+        platt(z, np.zeros_like(y))
+
+
+def test_calibration_folds_into_the_heads_last_layer():
+    from inference.heads import EnsembleHead, build_head, rescale_logits
+    from inference.vit import ViTConfig
+
+    torch.manual_seed(0)
+    tokens = torch.randn(3, 17, 32)
+    cfg = ViTConfig(image_size=64, patch_size=16, dim=32, depth=2, heads=2)
+    for arch in ({"type": "attn+patch"}, {"type": "linear"}, {"type": "attn"}, {"type": "branch", "branch_depth": 1}):
+        head = build_head(arch, 32, 1, cfg).eval()
+        before = head(tokens)
+        rescale_logits(head, 0.5, -1.25)
+        after = head(tokens)
+        assert torch.allclose(after["logits"], 0.5 * before["logits"] - 1.25, atol=1e-5), arch
+        if "patch_logits" in before:  # the localisation map is not touched
+            assert torch.equal(after["patch_logits"], before["patch_logits"])
+    with pytest.raises(ValueError, match="ensemble"):
+        rescale_logits(EnsembleHead([build_head({"type": "linear"}, 32, 1)]), 0.5, 0.0)
