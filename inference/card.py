@@ -146,6 +146,12 @@ def weights_digest(weights: dict[str, str]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+def adapt_stages(pretrain: dict) -> list[dict]:
+    """The encoder's multi-task adaptation stages in a card's ``training.pretrain`` record, oldest first
+    (cards written before stages were listed keep the one stage under ``adapt``)."""
+    return list(pretrain.get("adapt_stages") or ([pretrain["adapt"]] if pretrain.get("adapt") else []))
+
+
 def read_card(root: Path) -> Card:
     root = Path(root)
     path = root / METADATA

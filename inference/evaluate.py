@@ -49,9 +49,13 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, ops) -> dict:
     return out
 
 
+def point_in_boxes(x: float, y: float, boxes_px) -> bool:
+    return any(x0 <= x <= x1 and y0 <= y <= y1 for (x0, y0, x1, y1) in boxes_px)
+
+
 def peak_in_boxes(m: np.ndarray, boxes_px) -> bool:
     r, c = np.unravel_index(int(np.argmax(m)), m.shape)
-    return any(x0 <= c + 0.5 <= x1 and y0 <= r + 0.5 <= y1 for (x0, y0, x1, y1) in boxes_px)
+    return point_in_boxes(c + 0.5, r + 0.5, boxes_px)
 
 
 def box_share(boxes_px, rows: int, cols: int) -> float:
@@ -97,7 +101,7 @@ def split_metrics(model, records: list[D.Record], results) -> dict:
             bx = [(x0 * res.columns, y0 * res.rows, x1 * res.columns, y1 * res.rows) for x0, y0, x1, y1 in r.boxes]
             shares.append(box_share(bx, res.rows, res.columns))
             # a map that always peaks at the image's centre: what a hit rate must beat besides the box share
-            hits_c.append(any(x0 <= res.columns / 2 <= x1 and y0 <= res.rows / 2 <= y1 for x0, y0, x1, y1 in bx))
+            hits_c.append(point_in_boxes(res.columns / 2, res.rows / 2, bx))
             if res.anomaly_map is not None:
                 hits_a.append(peak_in_boxes(res.anomaly_map, bx))
             if res.fracture_map is not None:

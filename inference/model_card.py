@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from inference.card import read_card
+from inference.card import adapt_stages, read_card
 from inference.heads import input_layer
 
 TARGETS = {  # issue 3: floors on the val splits
@@ -47,12 +47,8 @@ def _param_counts(card) -> tuple[int, int]:
 def _minutes(tr: dict) -> float:
     """Wall minutes of pretraining + adaptation(s), from the recorded histories."""
     pre = tr.get("pretrain", {})
-    stages = [pre] + _stages(pre)
+    stages = [pre] + adapt_stages(pre)
     return sum(st["history"][-1]["seconds"] / 60 for st in stages if st.get("history"))
-
-
-def _stages(pre: dict) -> list[dict]:
-    return list(pre.get("adapt_stages") or ([pre["adapt"]] if pre.get("adapt") else []))
 
 
 def _where(pre: dict) -> str:
@@ -137,7 +133,7 @@ def render(root: str | Path) -> str:
         if pre.get("epochs_done") and pre.get("epochs") and pre["epochs_done"] < pre["epochs"]:
             a(f"#   stopped after {pre['epochs_done']} of {pre['epochs']} scheduled epochs; deterministic "
               f"equivalent: add --stop-after-epochs {pre['epochs_done']}")
-    for st in _stages(pre):
+    for st in adapt_stages(pre):
         a(st["command"])
         if st.get("epochs_done") and st["epochs_done"] < st.get("epochs", 0):
             a(f"#   stopped after {st['epochs_done']} of {st['epochs']} epochs; deterministic equivalent: "
@@ -161,14 +157,14 @@ def render(root: str | Path) -> str:
     if sm.get("command"):
         a(sm["command"])
     a("```\n")
-    if _stages(pre):
+    if adapt_stages(pre):
         a("(Paths are those of the training run: each stage's `--init` is the previous command's output; the "
           "heads were added to a copy of the last stage's output, which became this bundle.)\n")
     if pre.get("history"):
         a(f"MAE pretraining: {pre.get('epochs_done')} epochs over {pre.get('images')} training images, batch "
           f"{pre.get('batch_size')}, AdamW lr {pre.get('lr')}, seed {pre.get('seed')}, final reconstruction loss "
           f"{pre['history'][-1]['loss']:.3f} ({pre['history'][-1]['seconds'] / 60:.0f} min on {_where(pre)}).")
-    stages = _stages(pre)
+    stages = adapt_stages(pre)
     if stages:
         a(f"Then multi-task adaptation of the encoder in {len(stages)} stage(s) ("
           + "; ".join(f"{st.get('epochs_done')} epochs at lr {st.get('lr')}, seed {st.get('seed')}, "

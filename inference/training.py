@@ -411,15 +411,20 @@ def score(kind: str, y: np.ndarray, p: np.ndarray, decision: str = "argmax") -> 
     return float(np.mean(pred == y))
 
 
+def _head_outputs(head, tokens: torch.Tensor, batch_size: int):
+    """The head's outputs on ``tokens``, batch by batch (evaluation mode, on the head's device)."""
+    head.eval()
+    device = next(head.parameters()).device
+    for s in range(0, len(tokens), batch_size):
+        yield head(tokens[s:s + batch_size].to(device).float())
+
+
 @torch.no_grad()
 def predict_tokens(head, kind: str, tokens: torch.Tensor, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray | None]:
     from inference.heads import probabilities
 
-    head.eval()
-    device = next(head.parameters()).device
     ps, pm = [], []
-    for s in range(0, len(tokens), batch_size):
-        out = head(tokens[s:s + batch_size].to(device).float())
+    for out in _head_outputs(head, tokens, batch_size):
         ps.append(probabilities(kind, out["logits"]).float().cpu().numpy())
         if "patch_logits" in out:
             pm.append(torch.sigmoid(out["patch_logits"]).float().cpu().numpy())
@@ -429,10 +434,8 @@ def predict_tokens(head, kind: str, tokens: torch.Tensor, batch_size: int = 512)
 @torch.no_grad()
 def predict_logits(head, tokens: torch.Tensor, batch_size: int = 512) -> np.ndarray:
     """A binary head's image-level logits (float64) on ``tokens``."""
-    head.eval()
-    device = next(head.parameters()).device
-    return np.concatenate([head(tokens[s:s + batch_size].to(device).float())["logits"][:, 0].double().cpu().numpy()
-                           for s in range(0, len(tokens), batch_size)])
+    return np.concatenate([out["logits"][:, 0].double().cpu().numpy()
+                           for out in _head_outputs(head, tokens, batch_size)])
 
 
 def log_loss(logits: np.ndarray, y: np.ndarray) -> float:
@@ -651,9 +654,9 @@ def clean_dev_split(training: dict) -> str:
     No adaptation: "patient". Stages held out by image (or recorded before the split was recorded):
     "image-exclusive". By patient: "patient". Mixed: no split is clean for every stage; "patient"
     (the last resort, logged)."""
-    pre = (training or {}).get("pretrain") or {}
-    stages = pre.get("adapt_stages") or ([pre["adapt"]] if pre.get("adapt") else [])
-    modes = {st.get("dev_split", "image") for st in stages}
+    from inference.card import adapt_stages
+
+    modes = {st.get("dev_split", "image") for st in adapt_stages((training or {}).get("pretrain") or {})}
     if not modes or modes == {"patient"}:
         return "patient"
     if modes <= {"image", "image-exclusive"}:
@@ -916,6 +919,7 @@ def adapt(init: str, data_dir: str, out: str, *, epochs: int = 3, batch_size: in
     to an unseen task.
     """
     from inference.bundle import load_mae, read_metadata, write_metadata, write_pretrained_bundle
+    from inference.card import adapt_stages
     from inference.heads import build_head, n_outputs
 
     if threads:
@@ -956,7 +960,7 @@ def adapt(init: str, data_dir: str, out: str, *, epochs: int = 3, batch_size: in
     history, t0, step = [], time.time(), 0
     best_score, best_epoch = -1e9, -1
     pre = dict(card.meta["msk_node"]["training"].get("pretrain", {}))
-    earlier = pre.get("adapt_stages") or ([pre["adapt"]] if pre.get("adapt") else [])
+    earlier = adapt_stages(pre)
     for epoch in range(epochs):
         mae.train()
         heads.train()
