@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from dicom_node.errors import ConfigError, NodeError
+from dicom_node.errors import EXPECTED_ERRORS, ConfigError
 
 log = logging.getLogger("dicom_node")
 
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    except NodeError as exc:
+    except EXPECTED_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

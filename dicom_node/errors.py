@@ -1,19 +1,27 @@
-"""The project's one exception hierarchy.
+"""The application's exceptions, and the one place where an error becomes a DICOM status.
 
-This module is a leaf (standard library only) so that ``storage`` and
-``inference`` can raise from the same hierarchy without importing anything
-else of the application. At the network edge :func:`dicom_status_for` turns an
-error into the DICOM status that answers it.
+``storage`` and ``inference`` raise their own errors (:mod:`storage.errors`,
+:mod:`inference.errors`), which know nothing of DICOM. At the network edge
+:func:`dicom_status_for` turns any error into the status that answers a C-STORE.
 """
 
 from __future__ import annotations
 
+from inference.errors import BundleError, ImageNotProcessable, InferenceError
+from storage.errors import OutOfResources, StorageError
+
+__all__ = ["NodeError", "ConfigError", "InvalidDataset", "DatasetMismatch", "EncodingError", "StorageError",
+           "OutOfResources", "InferenceError", "ImageNotProcessable", "BundleError", "dicom_status_for",
+           "EXPECTED_ERRORS", "OUT_OF_RESOURCES", "SOP_CLASS_MISMATCH", "CANNOT_UNDERSTAND"]
+
+#: C-STORE failure statuses (PS3.4 Annex B.2.3)
+OUT_OF_RESOURCES = 0xA700
+SOP_CLASS_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+
 
 class NodeError(Exception):
-    """Root of every error the node raises on purpose."""
-
-    #: DICOM status a C-STORE gets when this error stops it (0xC000 family: cannot understand).
-    dicom_status: int = 0xC210
+    """Root of the errors the application raises on purpose."""
 
 
 class ConfigError(NodeError):
@@ -27,59 +35,35 @@ class ConfigError(NodeError):
         super().__init__(f"{where}{at}{message}")
 
 
-class StorageError(NodeError):
-    """The instance store or the index failed."""
-
-    dicom_status = 0xA700
-
-
-class OutOfResources(StorageError):
-    """Not enough free space (or another resource) to accept data."""
-
-    dicom_status = 0xA700
-
-
 class InvalidDataset(NodeError):
     """A dataset cannot be understood (truncated, unparsable, missing required UIDs)."""
 
-    dicom_status = 0xC210
 
-
-class InferenceError(NodeError):
-    """The model cannot process an input."""
-
-
-class ImageNotProcessable(InferenceError):
-    """One image cannot be processed; ``reason`` says why (reported, not fatal)."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-        super().__init__(reason)
-
-
-class BundleError(InferenceError):
-    """A model bundle is missing, malformed, or its weights do not match their hash."""
+class DatasetMismatch(InvalidDataset):
+    """The dataset does not match the SOP class it was sent under."""
 
 
 class EncodingError(NodeError):
     """A result object could not be built or did not validate."""
 
 
-class SendError(NodeError):
-    """A result could not be delivered to a destination."""
+#: errors raised on purpose anywhere in the product: reported as one line, without a traceback
+EXPECTED_ERRORS = (NodeError, StorageError, InferenceError)
+
+#: the status of each error class, most specific first (the first ``isinstance`` match wins)
+_STATUS = (
+    (DatasetMismatch, SOP_CLASS_MISMATCH),
+    (InvalidDataset, CANNOT_UNDERSTAND),
+    (StorageError, OUT_OF_RESOURCES),  # OutOfResources included: the index or the disk failed us
+    (MemoryError, OUT_OF_RESOURCES),
+    (OSError, OUT_OF_RESOURCES),       # disk full, quota, too many open files, I/O errors
+)
 
 
 def dicom_status_for(exc: BaseException) -> int:
-    """DICOM status for ``exc``: its class's status; 0xA700 (out of resources) for memory and OS errors
-    (disk full, quota, too many open files, I/O errors); otherwise 0xC210 (cannot understand)."""
-    if isinstance(exc, NodeError):
-        return exc.dicom_status
-    if isinstance(exc, (MemoryError, OSError)):
-        return 0xA700
-    return 0xC210
-
-
-class DatasetMismatch(InvalidDataset):
-    """The dataset does not match the SOP class it was sent under (0xA900)."""
-
-    dicom_status = 0xA900
+    """The C-STORE status that answers ``exc``: 0xA900 when the dataset does not match its SOP class,
+    0xA700 (out of resources) for storage, memory and OS errors, otherwise 0xC210 (cannot understand)."""
+    for cls, status in _STATUS:
+        if isinstance(exc, cls):
+            return status
+    return CANNOT_UNDERSTAND

@@ -24,7 +24,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
 from dicom_node.config import Config
-from dicom_node.errors import DatasetMismatch, InvalidDataset, NodeError, dicom_status_for
+from dicom_node.errors import EXPECTED_ERRORS, DatasetMismatch, InvalidDataset, dicom_status_for
 from dicom_node.sop import NATIVE_SYNTAXES, STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from storage.files import InstanceStore
 from storage.index import Index, InstanceMeta
@@ -268,8 +268,8 @@ class Listener:
         calling = event.assoc.requestor.ae_title
         try:
             status = self._store(event, calling)
-        except NodeError as exc:
-            status = exc.dicom_status
+        except EXPECTED_ERRORS as exc:
+            status = dicom_status_for(exc)
             log.warning("C-STORE from %s refused with 0x%04X: %s", calling, status, exc)
         except Exception as exc:  # never let an error escape into pynetdicom's thread
             status = dicom_status_for(exc)

@@ -28,7 +28,7 @@ import pydicom
 from pydicom.filebase import DicomBytesIO
 
 from dicom_node.config import Config
-from dicom_node.errors import EncodingError, InvalidDataset, NodeError
+from dicom_node.errors import EXPECTED_ERRORS, EncodingError, InvalidDataset
 from dicom_node.routing import ImageFacts, apply_heads, destinations, route
 from dicom_node.sop import STORAGE_SOP_CLASSES
 from inference.results import ImageResult
@@ -127,7 +127,7 @@ class Pipeline:
             permanent = isinstance(exc, (EncodingError, InvalidDataset))
             state = self.jobs.fail(claim, f"{type(exc).__name__}: {exc}", self.cfg.pipeline.max_attempts, permanent)
             log.error("study %s: inference failed (%s: %s); now %s", claim.StudyInstanceUID, type(exc).__name__,
-                      exc, state, exc_info=not isinstance(exc, NodeError))
+                      exc, state, exc_info=not isinstance(exc, EXPECTED_ERRORS))
             return True
         log.info("study %s: %s in %.1f s", claim.StudyInstanceUID, outcome, time.monotonic() - t0)
         return True

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dicom_node.errors import BundleError
+from inference.errors import BundleError
 from inference import data as D
 from inference.card import Card, read_card, sha256_file, verify_weights, weights_digest
 from inference.vit import MAE, ViTConfig
@@ -300,7 +300,7 @@ class Model:
     def predict_datasets(self, datasets, image_ids: list[str] | None = None, heads: set[str] | None = None,
                          maps: bool = True):
         """One :class:`ImageResult` per dataset; an image that cannot be processed is reported, not raised."""
-        from dicom_node.errors import ImageNotProcessable
+        from inference.errors import ImageNotProcessable
         from inference.pixels import display_uint8
         from inference.results import ImageResult
 

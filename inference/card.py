@@ -1,7 +1,7 @@
 """The bundle's card: ``configs/metadata.json`` (MONAI bundle metadata fields plus our ``msk_node`` section).
 
 Parsing and validation only (no torch). :class:`Card` is what ``Model.card`` returns.
-Every error is a :class:`dicom_node.errors.BundleError` naming the bundle and the key.
+Every error is a :class:`inference.errors.BundleError` naming the bundle and the key.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.errors import BundleError
+from inference.errors import BundleError
 from inference.results import DECISIONS, CodedConcept, OperatingPoints
 
 METADATA = Path("configs") / "metadata.json"

@@ -10,7 +10,7 @@ No torch in here. Two functions:
   PROCESSING, or when the recorded window is unusable), MONOCHROME1 inverted so
   that bone is bright; uint8 ``(rows, columns)``.
 
-Both raise :class:`dicom_node.errors.ImageNotProcessable` with a reason when the
+Both raise :class:`inference.errors.ImageNotProcessable` with a reason when the
 image cannot be used (no pixel data, undecodable, unsupported photometric
 interpretation, not two-dimensional).
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dicom_node.errors import ImageNotProcessable
+from inference.errors import ImageNotProcessable
 
 GREY = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")

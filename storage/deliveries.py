@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from dicom_node.errors import StorageError
+from storage.errors import StorageError
 from storage.index import Index
 from storage.models import Delivery, DeliveryState, ResultObject, Study, StudyState, utcnow
 

@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.errors import OutOfResources, StorageError
+from storage.errors import OutOfResources, StorageError
 
 _MB = 1024 * 1024
 

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
-from dicom_node.errors import StorageError
+from storage.errors import StorageError
 from storage.models import Base, Instance, Patient, Series, Study, StudyState, utcnow
 
 log = logging.getLogger("storage.index")

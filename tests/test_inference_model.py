@@ -13,7 +13,7 @@ import pytest
 import torch
 from pydicom.data import get_testdata_file
 
-from dicom_node.errors import BundleError
+from inference.errors import BundleError
 from inference import DEFAULT_BUNDLE, load_bundle
 from inference.pixels import display_uint8
 from inference.results import BinaryFinding, CategoricalFinding, ImageResult

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from dicom_node.errors import ImageNotProcessable
+from inference.errors import ImageNotProcessable
 from inference.pixels import decode_pixels, display_uint8
 
 
