@@ -129,6 +129,32 @@ def cmd_retry(args) -> int:
     return 0
 
 
+def cmd_db(args) -> int:
+    """``db upgrade``: bring the index's schema to the newest revision; ``db current``: print its revision."""
+    from storage import migrate
+    from storage.database import Database
+
+    db = Database(_load_config(args).storage.database_url)
+    try:
+        if args.db_command == "upgrade":
+            before, after = migrate.upgrade(db)
+            if before == after:
+                print(f"index schema at revision {after} (newest; nothing to do)")
+            else:
+                print(f"index schema upgraded from revision {before or '(none)'} to {after}")
+        else:
+            revision, newest = migrate.current(db), migrate.head()
+            if revision is None:
+                state = ("made before schema migrations: `dicom-node db upgrade` stamps it at "
+                         f"{migrate.BASELINE}" if migrate.is_legacy(db) else "no schema yet")
+                print(f"(none): {state}; newest revision {newest}")
+            else:
+                print(f"{revision}{' (newest)' if revision == newest else f'; newest revision {newest}'}")
+    finally:
+        db.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dicom-node", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=os.environ.get("MSKNODE_CONFIG", "config.yaml"),
@@ -161,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("retry", help="re-queue dead-letter deliveries and studies whose inference failed")
     s.add_argument("--study", default=None, help="only this StudyInstanceUID")
     s.set_defaults(func=cmd_retry)
+    s = sub.add_parser("db", help="the index's schema: upgrade it, or show its revision")
+    s.add_argument("db_command", choices=("upgrade", "current"), metavar="{upgrade,current}",
+                   help="upgrade: apply the schema migrations (the node also does at start-up); "
+                        "current: print the schema revision")
+    s.set_defaults(func=cmd_db)
 
     from dicom_node import cli_model
 

@@ -171,10 +171,6 @@ class Sender:
         return ae
 
     # -- sending -----------------------------------------------------------------
-    def send_batch(self, batch: Batch) -> int:
-        """One association, the batch's objects in order; returns how many the destination stored."""
-        return self._send_batch(batch)[0]
-
     def _send_batch(self, batch: Batch) -> tuple[int, bool]:
         """(instances stored, whether an association could be made)."""
         dest = batch.destination

@@ -22,10 +22,14 @@ The study's state follows its deliveries (only between ``results_ready``,
 alone): every non-cancelled delivery of its current result version ``sent``
 -> ``sent``; some ``dead`` and none ``pending``/``sending`` -> ``failed``
 (``state_reason`` names the destination and the error); otherwise
-``results_ready``.
+``results_ready``. The move itself is :mod:`storage.states`'s.
 
-Every write is one short transaction under the index's write lock; the SQL is
-portable (SQLite and PostgreSQL).
+A delivery is *undelivered* while ``pending``, ``sending`` or ``dead``
+(:func:`undelivered`, the one definition: retention keeps such a study).
+
+Every write is one short transaction under the database's write lock
+(:meth:`storage.database.Database.write`); the SQL is portable (SQLite and
+PostgreSQL).
 """
 
 from __future__ import annotations
@@ -33,15 +37,13 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy import Select, func, select, update
 
-from storage.errors import StorageError
+from storage import states
 from storage.index import Index
-from storage.models import Delivery, DeliveryState, ResultObject, Study, StudyState, utcnow
+from storage.models import Delivery, DeliveryState, ResultObject, Study, StudyState, iso_utc, utcnow
 
 PENDING = DeliveryState.PENDING.value
 SENDING = DeliveryState.SENDING.value
@@ -49,6 +51,8 @@ SENT = DeliveryState.SENT.value
 DEAD = DeliveryState.DEAD.value
 CANCELLED = DeliveryState.CANCELLED.value
 DELIVERY_STATES = tuple(s.value for s in DeliveryState)
+#: not (yet) delivered: waiting, possibly on the wire, or parked as a dead letter
+UNDELIVERED = (PENDING, SENDING, DEAD)
 
 #: the study states this module moves between; any other state (receiving, stable, inferring, ...) is left alone
 _DELIVERY_STUDY_STATES = (StudyState.RESULTS_READY.value, StudyState.SENT.value, StudyState.FAILED.value)
@@ -105,8 +109,14 @@ def _clip_error(error: str | None) -> str | None:
     return error if len(error) <= _MAX_ERROR else error[:_MAX_ERROR - 3] + "..."
 
 
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.replace(tzinfo=dt.timezone.utc).isoformat(timespec="seconds") if value else None
+def undelivered(study_id: int | None = None) -> Select:
+    """``SELECT study_id FROM deliveries`` of the deliveries not (yet) delivered (of study ``study_id``).
+
+    Superseded results count too: one of their deliveries may still be on the wire (``sending``)
+    until the sender's recovery settles it.
+    """
+    q = select(Delivery.study_id).where(Delivery.state.in_(UNDELIVERED))
+    return q if study_id is None else q.where(Delivery.study_id == study_id)
 
 
 _ITEM_COLUMNS = (Delivery.id, ResultObject.id, Delivery.study_id, Study.StudyInstanceUID, Delivery.destination,
@@ -134,27 +144,13 @@ class DeliveryQueue:
     def __init__(self, index: Index):
         self.index = index
 
-    # -- plumbing ------------------------------------------------------------
-    @contextmanager
+    @property
     def _write(self):
-        """One short write transaction under the index's write lock; database errors become StorageError."""
-        try:
-            with self.index._write_lock, self.index.Session.begin() as s:
-                yield s
-        except OperationalError as exc:
-            raise StorageError(f"index unavailable: {exc.orig}") from None
-        except SQLAlchemyError as exc:
-            raise StorageError(f"index error: {exc}") from None
+        return self.index.db.write
 
-    @contextmanager
+    @property
     def _read(self):
-        try:
-            with self.index.Session() as s:
-                yield s
-        except OperationalError as exc:
-            raise StorageError(f"index unavailable: {exc.orig}") from None
-        except SQLAlchemyError as exc:
-            raise StorageError(f"index error: {exc}") from None
+        return self.index.db.read
 
     # -- what to send ----------------------------------------------------------
     def due(self, now: dt.datetime | None = None, limit: int = 1000) -> list[Batch]:
@@ -295,13 +291,6 @@ class DeliveryQueue:
             self._refresh_studies(s, {r[1] for r in rows}, now)
         return n
 
-    def refresh_study(self, study_id: int, now: dt.datetime | None = None) -> str | None:
-        """Re-derive the study's state from its deliveries (as every write here does); returns the state."""
-        now = now or utcnow()
-        with self._write() as s:
-            self._refresh_studies(s, [study_id], now)
-            return s.scalar(select(Study.state).where(Study.id == study_id))
-
     # -- study state -----------------------------------------------------------
     @staticmethod
     def _refresh_studies(s, study_ids: Iterable[int], now: dt.datetime) -> None:
@@ -317,11 +306,11 @@ class DeliveryQueue:
                              .order_by(Delivery.id)).all()
             if not rows:
                 continue
-            states = {r[0] for r in rows}
+            present = {r[0] for r in rows}
             reason = None
-            if PENDING in states or SENDING in states:
+            if PENDING in present or SENDING in present:
                 target = StudyState.RESULTS_READY.value
-            elif DEAD in states:
+            elif DEAD in present:
                 target = StudyState.FAILED.value
                 dead: dict[str, list] = {}
                 for st, dest, attempts, err in rows:
@@ -337,10 +326,8 @@ class DeliveryQueue:
                 target = StudyState.SENT.value
             if target == state and (target != StudyState.FAILED.value or reason is None):
                 continue
-            s.execute(update(Study)
-                      .where(Study.id == sid, Study.state.in_(_DELIVERY_STUDY_STATES),
-                             Study.result_version == version)
-                      .values(state=target, state_reason=reason, state_changed_at=now))
+            s.execute(states.guarded_update(target, [state], Study.id == sid, Study.result_version == version,
+                                            now=now, reason=reason))
 
     # -- reporting -------------------------------------------------------------
     def study_deliveries(self, study_id: int, result_version: int | None = None) -> list[dict]:
@@ -382,8 +369,8 @@ class DeliveryQueue:
                 d["_sent"] = sent_at
         out: dict[int, list[dict]] = defaultdict(list)
         for (sid, _dest), d in acc.items():
-            d["next_attempt_at"] = _iso(d.pop("_next"))
-            d["last_sent_at"] = _iso(d.pop("_sent"))
+            d["next_attempt_at"] = iso_utc(d.pop("_next"))
+            d["last_sent_at"] = iso_utc(d.pop("_sent"))
             if d["last_status"] is not None:
                 d["last_status"] = f"0x{d['last_status']:04X}"
             out[sid].append(d)
@@ -400,14 +387,9 @@ class DeliveryQueue:
         return {ids[sid]: v for sid, v in self.summaries(list(ids)).items()}
 
     def has_undelivered(self, study_id: int) -> bool:
-        """True while a delivery of a result that is not superseded is pending, sending or dead
-        (retention keeps such a study)."""
+        """True while a delivery of the study is undelivered (:func:`undelivered`: retention keeps it)."""
         with self._read() as s:
-            n = s.scalar(select(func.count(Delivery.id))
-                         .join(ResultObject, ResultObject.id == Delivery.result_id)
-                         .where(Delivery.study_id == study_id, ResultObject.superseded.is_(False),
-                                Delivery.state.in_((PENDING, SENDING, DEAD))))
-        return bool(n)
+            return s.scalar(undelivered(study_id).limit(1)) is not None
 
     def counts(self) -> dict[str, int]:
         """Deliveries per state (all studies)."""

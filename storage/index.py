@@ -1,25 +1,24 @@
 """The SQL index: what is stored, which study it belongs to, and where each study stands.
 
-SQLite (WAL, ``synchronous=FULL``) by default, PostgreSQL by URL. A write that
-returns has been committed: the listener answers a C-STORE only after
-:meth:`Index.record_instance` returned.
+SQLite (WAL, ``synchronous=FULL``) by default, PostgreSQL by URL
+(:mod:`storage.database`). A write that returns has been committed: the
+listener answers a C-STORE only after :meth:`Index.record_instance` returned.
+Opening an index brings its schema to the newest migration
+(:mod:`storage.migrate`). Study states change only through :mod:`storage.states`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
-from sqlalchemy import create_engine, event, func, select, update
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
-from storage.errors import StorageError
-from storage.models import Base, Instance, Patient, Series, Study, StudyState, utcnow
+from storage import migrate, states
+from storage.database import Database
+from storage.models import Instance, Patient, Series, Study, StudyState, iso_utc, utcnow
 
 log = logging.getLogger("storage.index")
 
@@ -64,139 +63,108 @@ class RecordOutcome:
     obsolete_file: str | None  # an earlier file of the same instance under another name, to delete
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only a crash
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.close()
-
-
-def make_engine(url: str) -> Engine:
-    u = make_url(url)
-    if u.get_backend_name() == "sqlite":
-        if u.database and u.database != ":memory:":
-            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
-    else:
-        engine = create_engine(url, pool_pre_ping=True)
-    return engine
-
-
 def _clip(value: str, n: int) -> str:
     return value[:n] if value else ""
 
 
 class Index:
-    """Thread-safe access to the index."""
+    """Thread-safe access to the index.
+
+    ``create``: bring the database to the newest schema revision first (create it, or upgrade a
+    database of an earlier release); the node and the CLI open it so.
+    """
 
     def __init__(self, url: str, *, create: bool = True):
         self.url = url
-        self.engine = make_engine(url)
-        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self.db = Database(url)
+        self.engine = self.db.engine
+        self.is_sqlite = self.db.is_sqlite
+        self.Session = self.db.Session
         if create:
-            Base.metadata.create_all(self.engine)
-        self.Session = sessionmaker(self.engine, expire_on_commit=False)
-        # One writer at a time in this process: SQLite serialises writers anyway, and this
-        # keeps the get-or-create of patients/studies/series free of races between associations.
-        self._write_lock = threading.Lock()
+            migrate.upgrade(self.db)
 
     def close(self) -> None:
-        self.engine.dispose()
+        self.db.close()
 
     # -- receiving -----------------------------------------------------------
     def record_instance(self, meta: InstanceMeta, file_path: str, file_size: int, calling_ae: str,
                         quiet_seconds: float, now: dt.datetime | None = None) -> RecordOutcome:
         """Insert or replace one instance and move its study's quiet-period deadline, in one transaction."""
-        for attempt in range(3):
-            try:
-                with self._write_lock:
-                    return self._record(meta, file_path, file_size, calling_ae, quiet_seconds, now or utcnow())
-            except IntegrityError:
-                # another process (PostgreSQL, several listeners) created the same row first: try again
-                if attempt == 2:
-                    raise StorageError("index conflict while recording an instance") from None
-            except OperationalError as exc:
-                raise StorageError(f"index unavailable: {exc.orig}") from None
-            except SQLAlchemyError as exc:
-                raise StorageError(f"index error: {exc}") from None
-        raise AssertionError("unreachable")
+        now = now or utcnow()
+        return self.db.write_retrying(
+            lambda s: self._record(s, meta, file_path, file_size, calling_ae, quiet_seconds, now),
+            "recording an instance")
 
-    def _record(self, m: InstanceMeta, file_path: str, file_size: int, calling_ae: str, quiet_seconds: float,
+    @staticmethod
+    def _record(s: Session, m: InstanceMeta, file_path: str, file_size: int, calling_ae: str, quiet_seconds: float,
                 now: dt.datetime) -> RecordOutcome:
         deadline = now + dt.timedelta(seconds=quiet_seconds)
-        with self.Session.begin() as s:
-            patient = s.scalar(select(Patient).where(Patient.PatientID == _clip(m.PatientID, 64),
-                                                     Patient.IssuerOfPatientID == _clip(m.IssuerOfPatientID, 64)))
-            if patient is None:
-                patient = Patient(PatientID=_clip(m.PatientID, 64), IssuerOfPatientID=_clip(m.IssuerOfPatientID, 64),
-                                  PatientName=_clip(m.PatientName, 324), PatientBirthDate=_clip(m.PatientBirthDate, 8),
-                                  PatientSex=_clip(m.PatientSex, 16))
-                s.add(patient)
-                s.flush()
+        patient = s.scalar(select(Patient).where(Patient.PatientID == _clip(m.PatientID, 64),
+                                                 Patient.IssuerOfPatientID == _clip(m.IssuerOfPatientID, 64)))
+        if patient is None:
+            patient = Patient(PatientID=_clip(m.PatientID, 64), IssuerOfPatientID=_clip(m.IssuerOfPatientID, 64),
+                              PatientName=_clip(m.PatientName, 324), PatientBirthDate=_clip(m.PatientBirthDate, 8),
+                              PatientSex=_clip(m.PatientSex, 16))
+            s.add(patient)
+            s.flush()
 
-            study = s.scalar(select(Study).where(Study.StudyInstanceUID == m.StudyInstanceUID))
-            if study is None:
-                event_name = "new_study"
-                study = Study(StudyInstanceUID=m.StudyInstanceUID, patient_id=patient.id,
-                              StudyDate=_clip(m.StudyDate, 8), StudyTime=_clip(m.StudyTime, 16),
-                              AccessionNumber=_clip(m.AccessionNumber, 16),
-                              StudyDescription=_clip(m.StudyDescription, 64),
-                              state=StudyState.RECEIVING.value, state_changed_at=now, stable_deadline=deadline,
-                              calling_ae=calling_ae, last_calling_ae=calling_ae, created_at=now,
-                              last_received_at=now, updated=False, generation=1)
-                s.add(study)
-                s.flush()
+        study = s.scalar(select(Study).where(Study.StudyInstanceUID == m.StudyInstanceUID))
+        if study is None:
+            event_name = "new_study"
+            study = Study(StudyInstanceUID=m.StudyInstanceUID, patient_id=patient.id,
+                          StudyDate=_clip(m.StudyDate, 8), StudyTime=_clip(m.StudyTime, 16),
+                          AccessionNumber=_clip(m.AccessionNumber, 16),
+                          StudyDescription=_clip(m.StudyDescription, 64),
+                          **states.initial_values(now), stable_deadline=deadline,
+                          calling_ae=calling_ae, last_calling_ae=calling_ae, created_at=now,
+                          last_received_at=now, updated=False, generation=1)
+            s.add(study)
+            s.flush()
+        else:
+            if study.state == StudyState.RECEIVING.value:
+                event_name = "instance"
             else:
-                if study.state == StudyState.RECEIVING.value:
-                    event_name = "instance"
-                else:
-                    event_name = "reopened"
-                    study.state = StudyState.RECEIVING.value
-                    study.state_reason = None
-                    study.state_changed_at = now
-                    study.updated = True
-                    study.generation = (study.generation or 1) + 1
-                study.stable_deadline = deadline
-                study.last_received_at = now
-                study.last_calling_ae = calling_ae
+                event_name = "reopened"
+                states.set_state(study, states.RECEIVING, now=now, updated=True,
+                                 generation=(study.generation or 1) + 1)
+            study.stable_deadline = deadline
+            study.last_received_at = now
+            study.last_calling_ae = calling_ae
 
-            series = s.scalar(select(Series).where(Series.SeriesInstanceUID == m.SeriesInstanceUID))
-            if series is None:
-                series = Series(SeriesInstanceUID=m.SeriesInstanceUID, study_id=study.id,
-                                Modality=_clip(m.Modality, 16), SeriesNumber=_clip(m.SeriesNumber, 12),
-                                SeriesDescription=_clip(m.SeriesDescription, 64),
-                                BodyPartExamined=_clip(m.BodyPartExamined, 64))
-                s.add(series)
-                s.flush()
+        series = s.scalar(select(Series).where(Series.SeriesInstanceUID == m.SeriesInstanceUID))
+        if series is None:
+            series = Series(SeriesInstanceUID=m.SeriesInstanceUID, study_id=study.id,
+                            Modality=_clip(m.Modality, 16), SeriesNumber=_clip(m.SeriesNumber, 12),
+                            SeriesDescription=_clip(m.SeriesDescription, 64),
+                            BodyPartExamined=_clip(m.BodyPartExamined, 64))
+            s.add(series)
+            s.flush()
 
-            values = dict(SOPClassUID=m.SOPClassUID, study_id=study.id, series_id=series.id,
-                          TransferSyntaxUID=m.TransferSyntaxUID, Modality=_clip(m.Modality, 16),
-                          BodyPartExamined=_clip(m.BodyPartExamined, 64), ViewPosition=_clip(m.ViewPosition, 16),
-                          Laterality=_clip(m.Laterality, 16), InstanceNumber=_clip(m.InstanceNumber, 12),
-                          PhotometricInterpretation=_clip(m.PhotometricInterpretation, 16), Rows=m.Rows,
-                          Columns=m.Columns, file_path=file_path, file_size=file_size, received_at=now,
-                          calling_ae=calling_ae)
-            inst = s.scalar(select(Instance).where(Instance.SOPInstanceUID == m.SOPInstanceUID))
-            obsolete = None
-            if inst is None:
-                s.add(Instance(SOPInstanceUID=m.SOPInstanceUID, receive_count=1, **values))
-                resent = False
-            else:
-                resent = True
-                if inst.file_path != file_path:
-                    obsolete = inst.file_path
-                for k, v in values.items():
-                    setattr(inst, k, v)
-                inst.receive_count = (inst.receive_count or 1) + 1
-            return RecordOutcome(study.id, study.StudyInstanceUID, event_name, deadline, resent, obsolete)
+        values = dict(SOPClassUID=m.SOPClassUID, study_id=study.id, series_id=series.id,
+                      TransferSyntaxUID=m.TransferSyntaxUID, Modality=_clip(m.Modality, 16),
+                      BodyPartExamined=_clip(m.BodyPartExamined, 64), ViewPosition=_clip(m.ViewPosition, 16),
+                      Laterality=_clip(m.Laterality, 16), InstanceNumber=_clip(m.InstanceNumber, 12),
+                      PhotometricInterpretation=_clip(m.PhotometricInterpretation, 16), Rows=m.Rows,
+                      Columns=m.Columns, file_path=file_path, file_size=file_size, received_at=now,
+                      calling_ae=calling_ae)
+        inst = s.scalar(select(Instance).where(Instance.SOPInstanceUID == m.SOPInstanceUID))
+        obsolete = None
+        if inst is None:
+            s.add(Instance(SOPInstanceUID=m.SOPInstanceUID, receive_count=1, **values))
+            resent = False
+        else:
+            resent = True
+            if inst.file_path != file_path:
+                obsolete = inst.file_path
+            for k, v in values.items():
+                setattr(inst, k, v)
+            inst.receive_count = (inst.receive_count or 1) + 1
+        return RecordOutcome(study.id, study.StudyInstanceUID, event_name, deadline, resent, obsolete)
 
     # -- study tracking ------------------------------------------------------
     def receiving_deadlines(self) -> list[tuple[int, str, dt.datetime]]:
         """(study id, StudyInstanceUID, deadline) of every study still receiving."""
-        with self.Session() as s:
+        with self.db.read() as s:
             rows = s.execute(select(Study.id, Study.StudyInstanceUID, Study.stable_deadline)
                              .where(Study.state == StudyState.RECEIVING.value)).all()
         return [(r[0], r[1], r[2] or utcnow()) for r in rows]
@@ -209,12 +177,10 @@ class Index:
         is not receiving (any more).
         """
         now = now or utcnow()
-        with self._write_lock, self.Session.begin() as s:
-            res = s.execute(update(Study)
-                            .where(Study.id == study_id, Study.state == StudyState.RECEIVING.value,
-                                   Study.stable_deadline <= now)
-                            .values(state=StudyState.STABLE.value, stable_at=now, state_changed_at=now,
-                                    stable_deadline=None))
+        with self.db.write() as s:
+            res = s.execute(states.guarded_update(states.STABLE, [states.RECEIVING],
+                                                  Study.id == study_id, Study.stable_deadline <= now,
+                                                  now=now, stable_at=now, stable_deadline=None))
             if res.rowcount:
                 return True, None
             deadline = s.scalar(select(Study.stable_deadline)
@@ -223,7 +189,7 @@ class Index:
 
     # -- queries -------------------------------------------------------------
     def status(self) -> dict:
-        with self.Session() as s:
+        with self.db.read() as s:
             n_inst = s.scalar(select(func.count(Instance.id))) or 0
             rows = s.execute(select(Study.state, func.count(Study.id)).group_by(Study.state)).all()
         by_state = {state.value: 0 for state in StudyState}
@@ -239,7 +205,7 @@ class Index:
              .order_by(Study.last_received_at.desc()).limit(limit))
         if state:
             q = q.where(Study.state == state)
-        with self.Session() as s:
+        with self.db.read() as s:
             out = []
             for study, n in s.execute(q).all():
                 out.append({
@@ -250,29 +216,15 @@ class Index:
                     "calling_ae": study.calling_ae,
                     "updated": bool(study.updated),
                     "generation": study.generation,
-                    "created_at": _iso(study.created_at),
-                    "last_received": _iso(study.last_received_at),
-                    "stable_at": _iso(study.stable_at),
+                    "created_at": iso_utc(study.created_at),
+                    "last_received": iso_utc(study.last_received_at),
+                    "stable_at": iso_utc(study.stable_at),
                 })
         return out
 
     def study_instances(self, study_uid: str) -> list[dict]:
-        with self.Session() as s:
+        with self.db.read() as s:
             rows = s.scalars(select(Instance).join(Study).where(Study.StudyInstanceUID == study_uid)
                              .order_by(Instance.id)).all()
             cols = [c.key for c in Instance.__table__.columns]
             return [{c: getattr(r, c) for c in cols} for r in rows]
-
-    def instance(self, sop_uid: str) -> dict | None:
-        with self.Session() as s:
-            r = s.scalar(select(Instance).where(Instance.SOPInstanceUID == sop_uid))
-            if r is None:
-                return None
-            return {c.key: getattr(r, c.key) for c in Instance.__table__.columns}
-
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.replace(tzinfo=dt.timezone.utc).isoformat(timespec="seconds") if value else None
-
-
-INSTANCE_META_FIELDS = tuple(f.name for f in fields(InstanceMeta))

@@ -5,7 +5,8 @@ with the worker's id and a lease time), correct with several workers on SQLite
 and on PostgreSQL. Finishing is a compare-and-set too: results are recorded
 only if the study is still ``inferring`` under the same claim and generation,
 so images that arrive during inference are never lost: the study goes back to
-``receiving`` and is processed again when it is stable.
+``receiving`` and is processed again when it is stable. Every state change is
+checked by :mod:`storage.states`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import delete, or_, select, update
 
+from storage import states
+from storage.deliveries import undelivered
 from storage.index import Index
 from storage.models import Delivery, DeliveryState, Instance, ResultObject, Series, Study, StudyState, utcnow
 
@@ -49,35 +52,37 @@ class NewResult:
     destinations: tuple[str, ...]
 
 
+#: the states in which retention may delete a study (when none of its deliveries is undelivered)
+_RETAINABLE = (StudyState.SENT.value, StudyState.SKIPPED.value)
+
+
 def _row(obj) -> dict:
     return {c.key: getattr(obj, c.key) for c in obj.__table__.columns}
 
 
 class Jobs:
+    """The pipeline's view of the index: claims, outcomes, listings and retention (thread-safe)."""
+
     def __init__(self, index: Index):
         self.index = index
-        self.Session = index.Session
-        self._lock = index._write_lock
+        self.db = index.db
 
     # -- claiming ------------------------------------------------------------
     def claim(self, worker: str, lease_seconds: float, now: dt.datetime | None = None) -> ClaimedStudy | None:
         """Take the oldest stable study (or one whose claim lapsed); None when there is none."""
         now = now or utcnow()
         lapsed = now - dt.timedelta(seconds=lease_seconds)
-        with self.Session() as s:
+        with self.db.read() as s:
             candidates = s.scalars(
                 select(Study.id).where(or_(Study.state == StudyState.STABLE.value,
                                            (Study.state == StudyState.INFERRING.value) & (Study.claimed_at < lapsed)))
                 .order_by(Study.stable_at, Study.id).limit(5)).all()
         for study_id in candidates:
-            with self._lock, self.Session.begin() as s:
-                res = s.execute(
-                    update(Study)
-                    .where(Study.id == study_id,
-                           or_(Study.state == StudyState.STABLE.value,
-                               (Study.state == StudyState.INFERRING.value) & (Study.claimed_at < lapsed)))
-                    .values(state=StudyState.INFERRING.value, claimed_by=worker, claimed_at=now, state_changed_at=now,
-                            inference_attempts=Study.inference_attempts + 1))
+            with self.db.write() as s:
+                res = s.execute(states.guarded_update(
+                    states.INFERRING, {states.STABLE: None, states.INFERRING: Study.claimed_at < lapsed},
+                    Study.id == study_id, now=now, claimed_by=worker, claimed_at=now,
+                    inference_attempts=Study.inference_attempts + 1))
                 if res.rowcount != 1:
                     continue  # another worker was faster
                 study = s.get(Study, study_id)
@@ -95,7 +100,7 @@ class Jobs:
 
     def heartbeat(self, claim: ClaimedStudy) -> bool:
         """Renew the lease; False when the claim was lost (taken back, or the study changed)."""
-        with self._lock, self.Session.begin() as s:
+        with self.db.write() as s:
             res = s.execute(update(Study).where(Study.id == claim.id, Study.claimed_by == claim.worker,
                                                 Study.state == StudyState.INFERRING.value)
                             .values(claimed_at=utcnow()))
@@ -103,16 +108,16 @@ class Jobs:
 
     def release_claims(self, worker_prefix: str | None = None) -> int:
         """Give back studies left ``inferring`` (after a crash of this node's workers)."""
-        with self._lock, self.Session.begin() as s:
-            q = update(Study).where(Study.state == StudyState.INFERRING.value)
-            if worker_prefix is not None:
-                q = q.where(Study.claimed_by.like(f"{worker_prefix}%"))
-            res = s.execute(q.values(state=StudyState.STABLE.value, claimed_by=None, claimed_at=None))
+        mine = () if worker_prefix is None else (Study.claimed_by.like(f"{worker_prefix}%"),)
+        with self.db.write() as s:
+            res = s.execute(states.guarded_update(states.STABLE, [states.INFERRING], *mine, now=utcnow(),
+                                                  claimed_by=None, claimed_at=None))
             return res.rowcount
 
-    def _finish_where(self, claim: ClaimedStudy):
-        return (Study.id == claim.id, Study.state == StudyState.INFERRING.value, Study.claimed_by == claim.worker,
-                Study.generation == claim.generation)
+    @staticmethod
+    def _still_mine(claim: ClaimedStudy) -> tuple:
+        """The claim is unchanged: same worker, same generation (with ``state = 'inferring'``, the guard)."""
+        return (Study.id == claim.id, Study.claimed_by == claim.worker, Study.generation == claim.generation)
 
     # -- outcomes ------------------------------------------------------------
     def finish(self, claim: ClaimedStudy, result_version: int, results: list[NewResult]) -> bool:
@@ -121,12 +126,11 @@ class Jobs:
         Returns False (and records nothing) when the study changed while it was inferring.
         """
         now = utcnow()
-        with self._lock, self.Session.begin() as s:
-            state = StudyState.RESULTS_READY.value if any(r.destinations for r in results) else StudyState.SENT.value
-            res = s.execute(update(Study).where(*self._finish_where(claim))
-                            .values(state=state, state_reason=None, state_changed_at=now, result_version=result_version,
-                                    updated=False, claimed_by=None, claimed_at=None, last_error=None,
-                                    inference_attempts=0))
+        with self.db.write() as s:
+            state = states.RESULTS_READY if any(r.destinations for r in results) else states.SENT
+            res = s.execute(states.guarded_update(state, [states.INFERRING], *self._still_mine(claim), now=now,
+                                                  result_version=result_version, updated=False, claimed_by=None,
+                                                  claimed_at=None, last_error=None, inference_attempts=0))
             if res.rowcount != 1:
                 return False
             # older versions: superseded; what was not yet sent of them is not sent any more
@@ -156,41 +160,38 @@ class Jobs:
             return True
 
     def skip(self, claim: ClaimedStudy, reason: str) -> bool:
-        with self._lock, self.Session.begin() as s:
-            res = s.execute(update(Study).where(*self._finish_where(claim))
-                            .values(state=StudyState.SKIPPED.value, state_reason=reason, state_changed_at=utcnow(),
-                                    updated=False, claimed_by=None, claimed_at=None, inference_attempts=0))
+        """Nothing to infer on (``reason`` says why): ``inferring`` -> ``skipped``; False when the claim was lost."""
+        with self.db.write() as s:
+            res = s.execute(states.guarded_update(states.SKIPPED, [states.INFERRING], *self._still_mine(claim),
+                                                  now=utcnow(), reason=reason, updated=False, claimed_by=None,
+                                                  claimed_at=None, inference_attempts=0))
             return res.rowcount == 1
 
     def fail(self, claim: ClaimedStudy, error: str, max_attempts: int, permanent: bool = False) -> str:
         """Inference failed: back to ``stable`` for another try, or ``failed`` after ``max_attempts``
         (at once when ``permanent``: the same input would fail the same way)."""
-        with self._lock, self.Session.begin() as s:
+        with self.db.write() as s:
             study = s.get(Study, claim.id)
             if study is None or study.state != StudyState.INFERRING.value or study.claimed_by != claim.worker:
                 return study.state if study else "gone"
             final = permanent or study.inference_attempts >= max_attempts
-            study.state = StudyState.FAILED.value if final else StudyState.STABLE.value
-            study.state_reason = f"inference failed {study.inference_attempts} time(s): {error}" if final else None
-            study.last_error = error
-            study.claimed_by = None
-            study.claimed_at = None
-            study.state_changed_at = utcnow()
+            states.set_state(study, states.FAILED if final else states.STABLE, now=utcnow(),
+                             reason=f"inference failed {study.inference_attempts} time(s): {error}" if final else None,
+                             last_error=error, claimed_by=None, claimed_at=None)
             return study.state
 
     def retry_failed_inference(self, study_uid: str | None = None) -> int:
         """Studies whose inference failed for good go back to ``stable``."""
-        with self._lock, self.Session.begin() as s:
-            q = update(Study).where(Study.state == StudyState.FAILED.value, Study.last_error.is_not(None),
-                                    Study.result_version < 1)
-            if study_uid:
-                q = q.where(Study.StudyInstanceUID == study_uid)
-            return s.execute(q.values(state=StudyState.STABLE.value, state_reason=None, inference_attempts=0,
-                                      stable_at=utcnow())).rowcount
+        now = utcnow()
+        which = (Study.StudyInstanceUID == study_uid,) if study_uid else ()
+        with self.db.write() as s:
+            return s.execute(states.guarded_update(states.STABLE, [states.FAILED], Study.last_error.is_not(None),
+                                                   Study.result_version < 1, *which, now=now, inference_attempts=0,
+                                                   stable_at=now)).rowcount
 
     # -- listing and retention ----------------------------------------------------
     def result_objects(self, study_uid: str, include_superseded: bool = False) -> list[dict]:
-        with self.Session() as s:
+        with self.db.read() as s:
             q = select(ResultObject).join(Study, Study.id == ResultObject.study_id) \
                 .where(Study.StudyInstanceUID == study_uid)
             if not include_superseded:
@@ -198,7 +199,7 @@ class Jobs:
             return [_row(r) for r in s.scalars(q.order_by(ResultObject.id))]
 
     def jobs(self, limit: int = 1000) -> list[dict]:
-        with self.Session() as s:
+        with self.db.read() as s:
             rows = s.scalars(select(Study).order_by(Study.last_received_at.desc()).limit(limit)).all()
             return [{"StudyInstanceUID": r.StudyInstanceUID, "state": r.state, "state_reason": r.state_reason,
                      "attempts": r.inference_attempts, "last_error": r.last_error,
@@ -207,24 +208,19 @@ class Jobs:
 
     def expired_studies(self, older_than: dt.datetime) -> list[tuple[int, str]]:
         """Studies last touched before ``older_than`` whose results are all delivered (or that need none)."""
-        undelivered = select(Delivery.study_id).where(Delivery.state.in_(
-            [DeliveryState.PENDING.value, DeliveryState.SENDING.value, DeliveryState.DEAD.value]))
-        with self.Session() as s:
+        with self.db.read() as s:
             rows = s.execute(select(Study.id, Study.StudyInstanceUID)
-                             .where(Study.last_received_at < older_than,
-                                    Study.state.in_([StudyState.SENT.value, StudyState.SKIPPED.value]),
-                                    Study.id.not_in(undelivered))).all()
+                             .where(Study.last_received_at < older_than, Study.state.in_(_RETAINABLE),
+                                    Study.id.not_in(undelivered()))).all()
         return [(r[0], r[1]) for r in rows]
 
     def delete_study(self, study_id: int) -> bool:
         """Delete a study's rows (instances, results, deliveries), re-checking it is still deletable."""
-        with self._lock, self.Session.begin() as s:
+        with self.db.write() as s:
             study = s.get(Study, study_id)
-            if study is None or study.state not in (StudyState.SENT.value, StudyState.SKIPPED.value):
+            if study is None or study.state not in _RETAINABLE:
                 return False
-            pending = s.scalar(select(Delivery.id).where(Delivery.study_id == study_id, Delivery.state.in_(
-                [DeliveryState.PENDING.value, DeliveryState.SENDING.value, DeliveryState.DEAD.value])).limit(1))
-            if pending is not None:
+            if s.scalar(undelivered(study_id).limit(1)) is not None:
                 return False
             s.execute(delete(Delivery).where(Delivery.study_id == study_id))
             s.execute(delete(ResultObject).where(ResultObject.study_id == study_id))

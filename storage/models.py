@@ -15,7 +15,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 class StudyState(str, enum.Enum):
-    """Where a study is in its life. Issue-by-issue the later states fill in."""
+    """Where a study is in its life; :mod:`storage.states` owns the transitions between them."""
 
     RECEIVING = "receiving"
     STABLE = "stable"
@@ -27,7 +27,13 @@ class StudyState(str, enum.Enum):
 
 
 def utcnow() -> dt.datetime:
+    """Now, as the index stores times: naive UTC."""
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def iso_utc(value: dt.datetime | None) -> str | None:
+    """A stored (naive UTC) time as ISO 8601 with its offset, to the second; None stays None."""
+    return value.replace(tzinfo=dt.timezone.utc).isoformat(timespec="seconds") if value else None
 
 
 class Base(DeclarativeBase):
