@@ -56,6 +56,7 @@ def alembic_config(connection: Connection | None = None) -> Config:
     """Alembic's configuration for the index's scripts, running on ``connection``."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("path_separator", "os")
     cfg.set_main_option("version_locations", str(MIGRATIONS / "versions"))
     cfg.attributes["connection"] = connection
     return cfg
