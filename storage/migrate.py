@@ -30,16 +30,16 @@ from pathlib import Path
 # what changed is logged here, once
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
-from alembic import command  # noqa: E402
-from alembic.config import Config  # noqa: E402
-from alembic.runtime.migration import MigrationContext  # noqa: E402
-from alembic.script import ScriptDirectory  # noqa: E402
-from alembic.util import CommandError  # noqa: E402
-from sqlalchemy import inspect, text  # noqa: E402
-from sqlalchemy.engine import Connection  # noqa: E402
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection
 
-from storage.database import Database, storage_errors  # noqa: E402
-from storage.errors import StorageError  # noqa: E402
+from storage.database import Database, storage_errors
+from storage.errors import StorageError
 
 log = logging.getLogger("storage.migrate")
 
@@ -64,7 +64,10 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 def head() -> str:
     """The newest revision the scripts define."""
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    newest = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if newest is None:
+        raise StorageError(f"no schema migrations found in {MIGRATIONS}")
+    return newest
 
 
 def _revision(connection: Connection) -> str | None:

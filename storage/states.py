@@ -115,7 +115,7 @@ def _name(state: StudyState | str | None) -> str | None:
 def check(from_state: StudyState | str | None, to_state: StudyState | str) -> None:
     """Raise :class:`InvalidTransition` unless ``from_state`` -> ``to_state`` is allowed."""
     if from_state is None or not allowed(from_state, to_state):
-        raise InvalidTransition(_name(from_state), _name(to_state))
+        raise InvalidTransition(_name(from_state), _name(to_state) or "")
 
 
 def initial_values(now: dt.datetime) -> dict[str, Any]:
