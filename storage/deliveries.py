@@ -143,14 +143,7 @@ class DeliveryQueue:
 
     def __init__(self, index: Index):
         self.index = index
-
-    @property
-    def _write(self):
-        return self.index.db.write
-
-    @property
-    def _read(self):
-        return self.index.db.read
+        self.db = index.db
 
     # -- what to send ----------------------------------------------------------
     def due(self, now: dt.datetime | None = None, limit: int = 1000) -> list[Batch]:
@@ -163,7 +156,7 @@ class DeliveryQueue:
              .where(Delivery.state == PENDING, Delivery.next_attempt_at <= now, ResultObject.superseded.is_(False))
              .order_by(Delivery.next_attempt_at, Delivery.id)
              .limit(limit))
-        with self._read() as s:
+        with self.db.read() as s:
             rows = s.execute(q).all()
         return self._batches(_item(r) for r in rows)
 
@@ -184,7 +177,7 @@ class DeliveryQueue:
         q = _items_query().where(Delivery.state == SENDING)
         if now is not None:
             q = q.where(Delivery.next_attempt_at <= now)
-        with self._read() as s:
+        with self.db.read() as s:
             rows = s.execute(q.order_by(Delivery.study_id, Delivery.destination, Delivery.id)).all()
         return sorted((_item(r) for r in rows), key=lambda i: (i.study_id, i.destination, _sort_key(i)))
 
@@ -194,7 +187,7 @@ class DeliveryQueue:
         (a delivery cancelled or taken meanwhile is not sent)."""
         ids = list(ids)
         moved = []
-        with self._write() as s:
+        with self.db.write() as s:
             for i in ids:
                 res = s.execute(update(Delivery).where(Delivery.id == i, Delivery.state == PENDING)
                                 .values(state=SENDING))
@@ -209,7 +202,7 @@ class DeliveryQueue:
         ``note`` keeps a warning's text (or how it was confirmed) in ``last_error``.
         """
         now = now or utcnow()
-        with self._write() as s:
+        with self.db.write() as s:
             study_id = s.scalar(select(Delivery.study_id).where(Delivery.id == delivery_id))
             if study_id is None:
                 return  # deleted meanwhile (retention)
@@ -234,7 +227,7 @@ class DeliveryQueue:
         now = now or utcnow()
         error = _clip_error(error)
         out: dict[int, str] = {}
-        with self._write() as s:
+        with self.db.write() as s:
             rows = s.execute(select(Delivery.id, Delivery.attempts, Delivery.study_id, ResultObject.superseded)
                              .join(ResultObject, ResultObject.id == Delivery.result_id)
                              .where(Delivery.id.in_(list(ids)), Delivery.state.in_((PENDING, SENDING)))).all()
@@ -259,7 +252,7 @@ class DeliveryQueue:
         instance, or cannot be asked). Deliveries of superseded results are cancelled. Returns how many."""
         now = now or utcnow()
         n = 0
-        with self._write() as s:
+        with self.db.write() as s:
             rows = s.execute(select(Delivery.id, Delivery.study_id, ResultObject.superseded)
                              .join(ResultObject, ResultObject.id == Delivery.result_id)
                              .where(Delivery.id.in_(list(ids)), Delivery.state == SENDING)).all()
@@ -283,7 +276,7 @@ class DeliveryQueue:
         if study_uid is not None:
             q = q.join(Study, Study.id == Delivery.study_id).where(Study.StudyInstanceUID == study_uid)
         n = 0
-        with self._write() as s:
+        with self.db.write() as s:
             rows = s.execute(q).all()
             for did, _study in rows:
                 n += s.execute(update(Delivery).where(Delivery.id == did, Delivery.state == DEAD)
@@ -346,7 +339,7 @@ class DeliveryQueue:
              .join(Study, Study.id == Delivery.study_id)
              .where(Delivery.study_id.in_(study_ids), ResultObject.result_version == version)
              .order_by(Delivery.study_id, Delivery.destination, Delivery.id))
-        with self._read() as s:
+        with self.db.read() as s:
             rows = s.execute(q).all()
         acc: dict[tuple[int, str], dict] = {}
         for sid, dest, state, attempts, err, status, next_at, sent_at, rv in rows:
@@ -381,19 +374,19 @@ class DeliveryQueue:
         study_uids = list(study_uids)
         if not study_uids:
             return {}
-        with self._read() as s:
+        with self.db.read() as s:
             ids = dict(s.execute(select(Study.id, Study.StudyInstanceUID)
                                  .where(Study.StudyInstanceUID.in_(study_uids))).all())
         return {ids[sid]: v for sid, v in self.summaries(list(ids)).items()}
 
     def has_undelivered(self, study_id: int) -> bool:
         """True while a delivery of the study is undelivered (:func:`undelivered`: retention keeps it)."""
-        with self._read() as s:
+        with self.db.read() as s:
             return s.scalar(undelivered(study_id).limit(1)) is not None
 
     def counts(self) -> dict[str, int]:
         """Deliveries per state (all studies)."""
-        with self._read() as s:
+        with self.db.read() as s:
             rows = s.execute(select(Delivery.state, func.count(Delivery.id)).group_by(Delivery.state)).all()
         out = {st: 0 for st in DELIVERY_STATES}
         out.update({st: int(n) for st, n in rows})
