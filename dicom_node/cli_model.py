@@ -47,7 +47,7 @@ def _json_or_text(value: str):
         return value
 
 
-DEV_SPLIT_CHOICES = ("patient", "image", "image-exclusive")  # inference.training.DEV_SPLITS (no torch import here)
+DEV_SPLIT_CHOICES = ("patient", "image", "image-exclusive")  # = inference.training.splits.DEV_SPLITS (no torch here)
 
 
 def _dev_split_option(p, default: str | None) -> None:
@@ -62,7 +62,8 @@ def _dev_split_option(p, default: str | None) -> None:
 
 def cmd_pretrain(args) -> int:
     _threads(args)
-    from inference.training import adapt, pretrain
+    from inference.training.adapt import adapt
+    from inference.training.pretrain import pretrain
 
     if args.supervised_epochs:
         if not args.init:
@@ -129,8 +130,9 @@ def register(sub) -> None:
 
 def cmd_fit_heads(args) -> int:
     _threads(args)
-    from inference import data as D
-    from inference.training import HEAD_DEFAULTS, Embedded, fit_anomaly, fit_head, save_head
+    from inference.training import data as D
+    from inference.training.heads_fit import HEAD_DEFAULTS, fit_anomaly, fit_head, save_head
+    from inference.training.tokens import Embedded
 
     command = _command_line()
     if args.labels:
@@ -172,8 +174,9 @@ def cmd_fit_heads(args) -> int:
 
 def cmd_calibrate(args) -> int:
     _threads(args)
-    from inference import data as D
-    from inference.training import Embedded, calibrate_head
+    from inference.training import data as D
+    from inference.training.calibrate import calibrate_head
+    from inference.training.tokens import Embedded
 
     emb = Embedded(args.bundle, D.read_layout(args.data), args.cache_dir, device=args.device)
     for name in args.head:
@@ -190,7 +193,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_evaluate(args) -> int:
     _threads(args)
-    from inference.evaluate import evaluate
+    from inference.training.evaluate import evaluate
 
     splits = tuple(args.splits.split(",")) if args.splits else None
     metrics = evaluate(args.bundle, args.data, args.out, splits=splits, sample=args.sample,
@@ -222,7 +225,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_card(args) -> int:
-    from inference.model_card import write
+    from inference.training.model_card import write
 
     print(f"model card written to {write(args.bundle)}")
     return 0
@@ -253,7 +256,7 @@ def _read_input(path: Path):
     from pydicom.errors import InvalidDicomError
 
     if path.suffix.lower() in (".jpg", ".jpeg", ".png"):
-        from inference.data import load_image_file
+        from inference.pixels import load_image_file
 
         try:
             return "array", load_image_file(path)
@@ -270,7 +273,7 @@ def cmd_infer(args) -> int:
     import hashlib
 
     from inference import load_bundle
-    from inference.plots import overlay_png
+    from inference.pixels import overlay_png
     from inference.results import ImageResult
 
     files = _collect(args.inputs)
@@ -348,7 +351,7 @@ def cmd_infer(args) -> int:
 
 
 def cmd_pack_data(args) -> int:
-    from inference.data import pack_layout
+    from inference.training.pack import pack_layout
 
     stats = pack_layout(args.data, args.out, long_side=args.long_side, quality=args.quality, sample=args.sample,
                         workers=args.workers, command=_command_line())

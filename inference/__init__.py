@@ -1,4 +1,5 @@
-"""The model: bundle loading, preprocessing, encoder, heads, anomaly maps, training, evaluation.
+"""The model: bundle loading, preprocessing, encoder, heads, anomaly maps (training and evaluation:
+:mod:`inference.training`, which serving never imports).
 
 Importing this package is light (no torch): ``load_bundle`` and ``Model`` import
 the torch parts on first use.

@@ -23,51 +23,17 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from inference.errors import BundleError
-from inference import data as D
+from inference import DEFAULT_BUNDLE
 from inference.card import Card, read_card, sha256_file, verify_weights, weights_digest
+from inference.errors import BundleError
 from inference.vit import MAE, ViTConfig
+from inference.vocabulary import BINARY_LABELS, BONE_NEOPLASM, MODEL_MODALITIES, reads_modality
 
 MAE_FILE = "models/mae.safetensors"
 ANOMALY_FILE = "models/anomaly.safetensors"
-#: modalities the model reads; OT/SC/XC for secondary captures and digitised films
-RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "RG", "OT", "SC", "XC", "DR"})
-DEFAULT_BUNDLE = Path(__file__).resolve().parent / "bundles" / "msk-foundation"
-
-SCT = "SCT"
-PRIVATE = "99MSKAI"
-
-# Coded concepts the reports use. SNOMED CT where a code exists, else the project's private scheme.
-CONCEPTS = {
-    "fracture": {"value": "125605004", "scheme_designator": SCT, "meaning": "Fracture of bone"},
-    "tumour": {"value": "126537000", "scheme_designator": SCT, "meaning": "Neoplasm of bone"},
-    "hardware": {"value": "40388003", "scheme_designator": SCT, "meaning": "Implant"},
-    "kl_grade": {"value": "KLGRADE", "scheme_designator": PRIVATE, "meaning": "Kellgren-Lawrence grade"},
-    "anatomy": {"value": "123014", "scheme_designator": "DCM", "meaning": "Target Region"},
-    "view": {"value": "111031", "scheme_designator": "DCM", "meaning": "Image View"},
-}
-LABEL_CONCEPTS = {
-    "anatomy": [
-        {"value": "85562004", "scheme_designator": SCT, "meaning": "Hand"},
-        {"value": "61685007", "scheme_designator": SCT, "meaning": "Lower limb"},  # FracAtlas 'leg': foot to femur
-        {"value": "29836001", "scheme_designator": SCT, "meaning": "Hip"},
-        {"value": "16982005", "scheme_designator": SCT, "meaning": "Shoulder region"},
-        {"value": "72696002", "scheme_designator": SCT, "meaning": "Knee"},
-        {"value": "OTHER", "scheme_designator": PRIVATE, "meaning": "Other or several regions"},
-    ],
-    # SNOMED CT codes projections by direction (antero-posterior, right lateral, ...); the data's view labels
-    # are coarser (frontal = AP or PA, lateral = either side), so they get private codes rather than a wrong one
-    "view": [
-        {"value": "FRONTAL", "scheme_designator": PRIVATE, "meaning": "Frontal projection (AP or PA)"},
-        {"value": "LATERAL", "scheme_designator": PRIVATE, "meaning": "Lateral projection"},
-        {"value": "OBLIQUE", "scheme_designator": PRIVATE, "meaning": "Oblique projection"},
-    ],
-    "kl_grade": [{"value": f"KL{g}", "scheme_designator": PRIVATE, "meaning": f"Kellgren-Lawrence grade {g}"}
-                 for g in D.KL_GRADES],
-}
 
 TUMOUR_SLOT = {
-    "kind": "binary", "labels": ["absent", "present"], "concept": CONCEPTS["tumour"], "weights": None,
+    "kind": "binary", "labels": list(BINARY_LABELS), "concept": BONE_NEOPLASM.as_dict(), "weights": None,
     "operating_points": None,
     "notes": "Slot only: no bone tumour data was available to the project, so this head ships no weights and "
              "the node reports no tumour finding. `dicom-node model fit-heads --head tumour --labels CSV` trains it.",
@@ -258,10 +224,6 @@ class Model:
                          for_diagnostic_use=bool(meta["msk_node"].get("for_diagnostic_use", False)),
                          description=str(meta.get("description", "")))
 
-    @property
-    def head_names(self) -> tuple[str, ...]:
-        return tuple(self.heads)
-
     # -- low level --------------------------------------------------------------------------
     def prepare(self, image: np.ndarray):
         from inference.preprocess import prepare
@@ -313,10 +275,10 @@ class Model:
         for i, ds in enumerate(datasets):
             rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
             modality = str(ds.get("Modality", "") or "").upper()
-            if modality and modality not in RADIOGRAPH_MODALITIES:
+            if not reads_modality(modality):
                 results[i] = ImageResult.not_processed(
                     ids[i], f"modality {modality} is not a projection radiograph (the model reads "
-                            f"{', '.join(sorted(RADIOGRAPH_MODALITIES))})", rows, cols)
+                            f"{', '.join(sorted(MODEL_MODALITIES))})", rows, cols)
                 continue
             try:
                 arr = display_uint8(ds)

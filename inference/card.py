@@ -15,7 +15,6 @@ from inference.errors import BundleError
 from inference.results import DECISIONS, CodedConcept, OperatingPoints
 
 METADATA = Path("configs") / "metadata.json"
-KNOWN_HEADS = ("fracture", "tumour", "kl_grade", "anatomy", "view", "hardware")
 HEAD_KINDS = ("binary", "categorical", "ordinal")
 
 

@@ -1,6 +1,6 @@
 """Pixel data out of a DICOM dataset: decoded values and the image as a person sees it.
 
-No torch in here. Two functions:
+No torch in here. Two functions, and two for image files (the ``infer`` command's input and output):
 
 - :func:`decode_pixels`: the stored values of the first frame with the modality
   LUT (or rescale slope/intercept) applied, colour images turned to grey; float32
@@ -13,9 +13,14 @@ No torch in here. Two functions:
 Both raise :class:`inference.errors.ImageNotProcessable` with a reason when the
 image cannot be used (no pixel data, undecodable, unsupported photometric
 interpretation, not two-dimensional).
+
+- :func:`load_image_file`: the displayed image of a JPEG, PNG or DICOM file.
+- :func:`overlay_png`: an image with a heatmap and boxes drawn over it, as a PNG.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
@@ -194,3 +199,40 @@ def display_float(ds) -> np.ndarray:
 def display_uint8(ds) -> np.ndarray:
     """The image as a person sees it, uint8 ``(rows, columns)``: VOI applied, bone bright."""
     return np.rint(display_float(ds) * 255.0).astype(np.uint8)
+
+
+def load_image_file(path: str | Path) -> np.ndarray:
+    """A displayed greyscale image (uint8) from a JPEG/PNG, or from a DICOM file."""
+    path = Path(path)
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        import pydicom
+
+        return display_uint8(pydicom.dcmread(path))
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()  # truncated JPEGs raise here unless allowed
+        return np.asarray(im.convert("L"))
+
+
+def overlay_png(image: np.ndarray, heat: np.ndarray | None, path: Path, boxes=(), max_side: int = 1024) -> None:
+    """The displayed image with a heatmap blended over it (and boxes), as a PNG, no matplotlib."""
+    from PIL import Image, ImageDraw
+
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        img = np.rint(np.clip(img, 0, 1) * 255).astype(np.uint8)
+    base = np.repeat(img[..., None], 3, axis=2).astype(np.float32)
+    if heat is not None:
+        h = np.clip(np.asarray(heat, dtype=np.float32), 0, 1)
+        colour = np.stack([np.clip(3 * h, 0, 1), np.clip(3 * h - 1, 0, 1), np.clip(3 * h - 2, 0, 1)], -1) * 255
+        alpha = (0.55 * np.clip(h * 1.5, 0, 1))[..., None]
+        base = base * (1 - alpha) + colour * alpha
+    pil = Image.fromarray(np.rint(base).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(pil)
+    for (x0, y0, x1, y1), colour in boxes:
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=max(1, img.shape[1] // 300))
+    scale = max_side / max(pil.size)
+    if scale < 1:
+        pil = pil.resize((int(pil.size[0] * scale), int(pil.size[1] * scale)), Image.BILINEAR)
+    pil.save(path)

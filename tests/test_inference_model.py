@@ -215,7 +215,7 @@ def test_complementary_masks_partition_the_grid(model):
 
 
 def test_operating_points_reach_their_targets():
-    from inference.training import operating_points
+    from inference.training.metrics import operating_points
 
     rng = np.random.default_rng(0)
     y = np.r_[np.ones(200), np.zeros(800)].astype(int)
@@ -234,7 +234,7 @@ needs_data = pytest.mark.skipif(not (DATA / "fracatlas" / "labels.csv").exists()
 
 @needs_data
 def test_fracatlas_split_is_deterministic_and_stratified():
-    from inference.data import read_fracatlas
+    from inference.training.data import read_fracatlas
 
     a, b = read_fracatlas(DATA / "fracatlas"), read_fracatlas(DATA / "fracatlas")
     assert [r.split for r in a] == [r.split for r in b]
@@ -247,7 +247,7 @@ def test_fracatlas_split_is_deterministic_and_stratified():
 
 @needs_data
 def test_evaluate_reproduces_recorded_sample_metrics(tmp_path):
-    from inference.evaluate import evaluate
+    from inference.training.evaluate import evaluate
 
     meta = json.loads((DEFAULT_BUNDLE / "configs" / "metadata.json").read_text())
     recorded = meta["msk_node"]["validation_metrics_sample"]

@@ -100,8 +100,8 @@ def test_pack_pretrain_adapt_fit_heads_infer(tmp_path):
 
 
 def test_development_split_keeps_a_patients_knees_together(tmp_path):
-    from inference import data as D
-    from inference.training import dev_split
+    from inference.training import data as D
+    from inference.training.splits import dev_split
 
     for grade in "01234":
         (tmp_path / "knee-kl" / "train" / grade).mkdir(parents=True)
@@ -129,7 +129,7 @@ def test_development_split_keeps_a_patients_knees_together(tmp_path):
 
 
 def test_heads_are_selected_on_a_split_the_encoder_adaptation_held_out():
-    from inference.training import clean_dev_split
+    from inference.training.splits import clean_dev_split
 
     def training(*stages):
         return {"pretrain": {"epochs": 1, "adapt_stages": [dict(s) for s in stages]}}
@@ -146,7 +146,7 @@ def test_heads_are_selected_on_a_split_the_encoder_adaptation_held_out():
 
 def test_device_batches_standardise_like_inference():
     from inference.preprocess import prepare
-    from inference.training import DeviceImages
+    from inference.training.runtime import DeviceImages
 
     rng = np.random.default_rng(0)
     img = (rng.random((90, 50)) * 200 + 20).astype(np.uint8)
@@ -159,7 +159,7 @@ def test_device_batches_standardise_like_inference():
 
 
 def test_patch_targets_move_with_their_image():
-    from inference.training import augment_params, warp
+    from inference.training.augment import augment_params, warp
 
     gen = torch.Generator().manual_seed(3)
     theta = augment_params(4, gen)
@@ -252,7 +252,8 @@ def test_ordinal_decisions_mode_and_median():
 
 
 def test_platt_scaling_undoes_an_overconfident_scale():
-    from inference.training import log_loss, platt
+    from inference.training.calibrate import platt
+    from inference.training.metrics import log_loss
 
     rng = np.random.default_rng(0)
     s = rng.normal(0, 2, 4000)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from inference.vocabulary import NOT_FOR_DIAGNOSTIC_USE  # noqa: F401  (the statement every result carries)
+
 #: Longest side of any secondary capture the node writes (pixels).
 MAX_SIDE = 2048
 #: Small source images are enlarged to at least this long side so that the burned-in text stays legible.
@@ -24,8 +26,6 @@ WARNING_TEXT = (255, 220, 0)
 PANEL = (0, 0, 0)
 GRID = (90, 90, 90)
 ABSENT = (170, 230, 170)
-
-NOT_FOR_DIAGNOSTIC_USE = "AI RESULT - NOT FOR DIAGNOSTIC USE"
 
 #: Font files shipped with matplotlib (DejaVu, a free font); Pillow's default font as fallback.
 FONT_REGULAR = "DejaVuSans.ttf"

@@ -6,18 +6,23 @@ PS3.16 lists them. Concepts no standard defines use the private coding scheme
 Identification Sequence and listed in the README's conformance section.
 
 A bundle's model card may carry its own concepts for a finding or a label; those
-win over the fallbacks here.
+win over the fallbacks here. The findings' and labels' concepts and the private scheme come from
+:mod:`inference.vocabulary` (the one owner of the product's codes); the codes only the SR uses
+(report structure, statuses, measurements) are defined here.
 """
 
 from __future__ import annotations
 
 from pydicom.sr.coding import Code
 
-#: Private coding scheme designator ("99" prefix: private, PS3.3 C.12.1.1.2.1).
-PRIVATE_SCHEME = "99MSKAI"
-PRIVATE_SCHEME_NAME = "MSK radiograph AI node private codes"
-PRIVATE_SCHEME_ORGANIZATION = "msk-dicom-node project"
-PRIVATE_SCHEME_VERSION = "1"
+from inference import vocabulary as V
+from inference.vocabulary import (PRIVATE_SCHEME, PRIVATE_SCHEME_NAME, PRIVATE_SCHEME_ORGANIZATION,  # noqa: F401
+                                  PRIVATE_SCHEME_VERSION)
+
+
+def code(concept: V.Concept) -> Code:
+    """The pydicom code of a vocabulary concept."""
+    return Code(concept.value, concept.scheme_designator, concept.meaning)
 
 
 def private(value: str, meaning: str) -> Code:
@@ -39,7 +44,7 @@ IHE_SCHEME_ORGANIZATION = "IHE Radiology"
 
 # -- statements (private: no standard concept) --------------------------------------------
 USE_RESTRICTION = private("USE", "Intended use statement")
-NOT_FOR_DIAGNOSTIC_USE_TEXT = "AI RESULT - NOT FOR DIAGNOSTIC USE"
+NOT_FOR_DIAGNOSTIC_USE_TEXT = V.NOT_FOR_DIAGNOSTIC_USE
 PROCESSING_STATUS = private("PROCSTAT", "AI processing status")
 REASON_NOT_PROCESSED = private("NOTPROCREASON", "Reason image not processed")
 # processing status values: DCM CID 6042 "Status of Results"
@@ -52,47 +57,20 @@ IMAGE_FINDINGS = Code("404684003", "SCT", "Clinical finding")
 ABNORMAL_REGION = Code("122451", "DCM", "Abnormal Region")
 
 # -- finding concepts (fallbacks when the card has none) ------------------------------------
-FRACTURE = Code("125605004", "SCT", "Fracture of bone")
-BONE_NEOPLASM = Code("126537000", "SCT", "Neoplasm of bone")
-KNEE_OSTEOARTHRITIS = Code("239873007", "SCT", "Osteoarthritis of knee")
-KL_GRADE = private("KLGRADE", "Kellgren-Lawrence grade")
-ANATOMY = Code("91723000", "SCT", "Anatomical Structure")
-VIEW = Code("111031", "DCM", "Image View")
+FRACTURE = code(V.FRACTURE)
+BONE_NEOPLASM = code(V.BONE_NEOPLASM)
+KNEE_OSTEOARTHRITIS = code(V.KNEE_OSTEOARTHRITIS)
+KL_GRADE = code(V.KL_GRADE)
+ANATOMY = code(V.ANATOMY)
+VIEW = code(V.VIEW)
 
 #: Concept of each finding *name* of :mod:`inference.results` (the qualitative evaluation's name).
-FINDING_CONCEPTS: dict[str, Code] = {
-    "fracture": FRACTURE,
-    "tumour": BONE_NEOPLASM,
-    "tumor": BONE_NEOPLASM,
-    "bone_tumour": BONE_NEOPLASM,
-    "kl_grade": KL_GRADE,
-    "anatomy": ANATOMY,
-    "view": VIEW,
-}
+FINDING_CONCEPTS: dict[str, Code] = {name: code(c) for name, c in V.FINDING_CONCEPTS.items()}
+FINDING_CONCEPTS.update({alias: FINDING_CONCEPTS[name] for alias, name in V.FINDING_SYNONYMS.items()})
 
 #: Fallback concepts of categorical *labels* (the qualitative evaluation's value).
 LABEL_CONCEPTS: dict[str, dict[str, Code]] = {
-    "anatomy": {
-        "hand": Code("85562004", "SCT", "Hand"),
-        "leg": Code("30021000", "SCT", "Lower leg"),
-        "hip": Code("24136001", "SCT", "Hip joint"),
-        "shoulder": Code("16982005", "SCT", "Shoulder"),
-        "knee": Code("72696002", "SCT", "Knee"),
-        "mixed": Code("66019005", "SCT", "Extremity"),
-        "foot": Code("56459004", "SCT", "Foot"),
-        "wrist": Code("74670003", "SCT", "Wrist joint"),
-        "elbow": Code("16953009", "SCT", "Elbow joint"),
-        "ankle": Code("70258002", "SCT", "Ankle joint"),
-    },
-    "view": {
-        "frontal": Code("399033003", "SCT", "frontal"),
-        "ap": Code("399348003", "SCT", "antero-posterior"),
-        "pa": Code("272479007", "SCT", "postero-anterior"),
-        "lateral": Code("399067008", "SCT", "lateral"),
-        "oblique": Code("399182000", "SCT", "oblique"),
-    },
-    "kl_grade": {str(g): private(f"KL{g}", f"Kellgren-Lawrence grade {g}") for g in range(5)},
-}
+    head: {label: code(c) for label, c in labels.items()} for head, labels in V.LABEL_CONCEPTS.items()}
 
 #: Values of a binary finding's decision at the bundle's two operating points.
 DECISION_CODES: dict[str, Code] = {
@@ -100,7 +78,7 @@ DECISION_CODES: dict[str, Code] = {
     "suspected": Code("415684004", "SCT", "Suspected"),
     "definite": Code("52101004", "SCT", "Present"),
 }
-KNEE_OA_MIN_KL_GRADE = 2  # Kellgren-Lawrence: grade >= 2 is radiographic osteoarthritis
+KNEE_OA_MIN_KL_GRADE = V.KNEE_OA_MIN_KL_GRADE
 
 # -- measurements ---------------------------------------------------------------------------
 #: Unit of a probability (UCUM annotation: dimensionless, reads "probability").

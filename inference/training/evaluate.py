@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from inference import data as D
+from inference.training import data as D
 
-log = logging.getLogger("inference.evaluate")
+log = logging.getLogger(__name__)
 
 
 def sample_records(records: list[D.Record], n_per_source: int) -> list[D.Record]:
@@ -65,19 +65,12 @@ def box_share(boxes_px, rows: int, cols: int) -> float:
     return float(mask.mean())
 
 
-def _load(path):
-    from PIL import ImageFile
-
-    ImageFile.LOAD_TRUNCATED_IMAGES = True
-    return D.load_image_file(path)
-
-
 def predict_records(model, records: list[D.Record], batch: int = 32):
     results = []
     t0 = time.time()
     for s in range(0, len(records), batch):
         chunk = records[s:s + batch]
-        images = [_load(r.path) for r in chunk]
+        images = [D.read_image(r.path) for r in chunk]
         results += model.predict_arrays(images, [r.image_id for r in chunk])
         log.info("evaluated %d/%d images (%.0f s)", len(results), len(records), time.time() - t0)
     return results
@@ -153,7 +146,7 @@ def _kl_ungated(model, records):
     from inference.heads import probabilities
     from inference.results import decide
 
-    xs = [model.prepare(_load(r.path))[0] for r in records]
+    xs = [model.prepare(D.read_image(r.path))[0] for r in records]
     out = []
     for s in range(0, len(xs), 32):
         t, taps = model.encode(torch.from_numpy(np.stack(xs[s:s + 32]))[:, None], {"kl_grade"})
@@ -215,7 +208,7 @@ def evaluate(bundle: str | None, data_dir: str, out_dir: str, *, splits: tuple[s
         metrics["label_efficiency"] = label_efficiency_curve(model.root, data_dir, label_counts, repeats, cache_dir)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if plots:
-        from inference import plots as P
+        from inference.training import plots as P
 
         for split, (recs, res) in per_split.items():
             P.roc_plot(recs, res, out / f"roc_{split}.png", model)
@@ -232,7 +225,8 @@ def label_efficiency_curve(bundle, data_dir, counts=(25, 50, 100, 200, None), re
     """AUROC on val of the hardware (implant) head fit with 25, 50, ... and all train labels."""
     from sklearn.metrics import roc_auc_score
 
-    from inference.training import Embedded, fit_head
+    from inference.training.heads_fit import fit_head
+    from inference.training.tokens import Embedded
 
     records = [r for r in D.read_layout(data_dir) if r.source == "fracatlas"]
     emb = Embedded(bundle, records, cache_dir)

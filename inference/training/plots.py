@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from inference.training import data as D
+
 
 def _plt():
     import matplotlib
@@ -58,7 +60,6 @@ def confusion_plot(confusion, path: Path) -> None:
 
 
 def heatmap_grid(records, results, path: Path, n: int = 6) -> None:
-    from inference.evaluate import _load
 
     chosen = [(r, res) for r, res in zip(records, results) if r.fractured == 1 and r.boxes
               and res.anomaly_map is not None][:n]
@@ -69,7 +70,7 @@ def heatmap_grid(records, results, path: Path, n: int = 6) -> None:
 
     fig, axes = plt.subplots(len(chosen), 3, figsize=(9, 3 * len(chosen)), squeeze=False)
     for row, (r, res) in zip(axes, chosen):
-        img = _load(r.path)
+        img = D.read_image(r.path)
         for ax, (title, m) in zip(row, (("image", None), ("anomaly map", res.anomaly_map),
                                         ("fracture map", res.fracture_map))):
             ax.imshow(img, cmap="gray")
@@ -101,26 +102,3 @@ def label_efficiency_plot(le: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def overlay_png(image: np.ndarray, heat: np.ndarray | None, path: Path, boxes=(), max_side: int = 1024) -> None:
-    """The displayed image with a heatmap blended over it (and boxes), as a PNG, no matplotlib."""
-    from PIL import Image, ImageDraw
-
-    img = np.asarray(image)
-    if img.dtype != np.uint8:
-        img = np.rint(np.clip(img, 0, 1) * 255).astype(np.uint8)
-    base = np.repeat(img[..., None], 3, axis=2).astype(np.float32)
-    if heat is not None:
-        h = np.clip(np.asarray(heat, dtype=np.float32), 0, 1)
-        colour = np.stack([np.clip(3 * h, 0, 1), np.clip(3 * h - 1, 0, 1), np.clip(3 * h - 2, 0, 1)], -1) * 255
-        alpha = (0.55 * np.clip(h * 1.5, 0, 1))[..., None]
-        base = base * (1 - alpha) + colour * alpha
-    pil = Image.fromarray(np.rint(base).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(pil)
-    for (x0, y0, x1, y1), colour in boxes:
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=max(1, img.shape[1] // 300))
-    scale = max_side / max(pil.size)
-    if scale < 1:
-        pil = pil.resize((int(pil.size[0] * scale), int(pil.size[1] * scale)), Image.BILINEAR)
-    pil.save(path)

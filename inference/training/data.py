@@ -23,13 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from inference.pixels import load_image_file
 from inference.preprocess import Geometry, canvas_uint8
+from inference.vocabulary import ANATOMY_LABELS, KL_GRADES, VIEW_LABELS
 
-ANATOMY = ("hand", "leg", "hip", "shoulder", "knee", "other")
-VIEWS = ("frontal", "lateral", "oblique")
-KL_GRADES = ("0", "1", "2", "3", "4")
 FRACATLAS_REGION_TO_ANATOMY = {"hand": "hand", "leg": "leg", "hip": "hip", "shoulder": "shoulder", "mixed": "other"}
 VAL_FRACTION = 0.2
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".dicom")
@@ -80,12 +78,12 @@ def read_fracatlas(root: Path) -> list[Record]:
     val = stratified_val(strata)
     out = []
     for r in rows:
-        views = tuple(int(r[v]) for v in VIEWS)
+        views = tuple(int(r[v]) for v in VIEW_LABELS)
         out.append(Record(
             image_id=r["image_id"], path=str(root / "images" / (r.get("file") or r["image_id"])),
             source="fracatlas",
             split="val" if r["image_id"] in val else "train", fractured=int(r["fractured"]),
-            hardware=int(r["hardware"]), anatomy=ANATOMY.index(FRACATLAS_REGION_TO_ANATOMY[r["region"]]),
+            hardware=int(r["hardware"]), anatomy=ANATOMY_LABELS.index(FRACATLAS_REGION_TO_ANATOMY[r["region"]]),
             views=views, boxes=boxes.get(r["image_id"], [])))
     return out
 
@@ -100,7 +98,7 @@ def read_knee(root: Path) -> list[Record]:
                     # <patient><L|R>: a patient's two knees may be in different grade folders
                     patient = f.stem[:-1] if f.stem[-1:] in ("L", "R") else f.stem
                     out.append(Record(image_id=f"{split_dir.name}/{grade_dir.name}/{f.name}", path=str(f),
-                                      source="knee", split=split, anatomy=ANATOMY.index("knee"),
+                                      source="knee", split=split, anatomy=ANATOMY_LABELS.index("knee"),
                                       views=(1, 0, 0), kl=int(grade_dir.name), group=f"knee:{patient}"))
     return out
 
@@ -154,18 +152,13 @@ def read_label_csv(csv_path: str | Path, label_column: str = "label", images_dir
     return out, classes
 
 
-def load_image_file(path: str | Path) -> np.ndarray:
-    """A displayed greyscale image (uint8) from a JPEG/PNG, or from a DICOM file."""
-    path = Path(path)
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        import pydicom
+def read_image(path: str | Path) -> np.ndarray:
+    """A record's displayed image (:func:`inference.pixels.load_image_file`), truncated JPEGs read as far as
+    they go."""
+    from PIL import ImageFile
 
-        from inference.pixels import display_uint8
-
-        return display_uint8(pydicom.dcmread(path))
-    with Image.open(path) as im:
-        im.load()  # truncated JPEGs raise here unless allowed
-        return np.asarray(im.convert("L"))
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    return load_image_file(path)
 
 
 def _cache_one(args):
@@ -203,87 +196,3 @@ def build_cache(records: list[Record], size: int, cache_path: str | Path | None,
         np.savez(tmp, canvases=canvases, geometries=json.dumps(geos), key=key)
         os.replace(tmp, cache_path)
     return canvases, [Geometry(**g) for g in geos]
-
-
-PACK_FILE = "pack.json"
-
-
-def pack_layout(src: str | Path, dst: str | Path, long_side: int = 384, quality: int = 90,
-                sample: int | None = None, workers: int = 2, command: str = "") -> dict:
-    """A compact copy of a data layout for carrying to a training machine.
-
-    FracAtlas images are downscaled (area) so that the long side is at most ``long_side`` and
-    re-encoded as WebP ``quality``; ``labels.csv`` gains a ``file`` column naming the new file
-    (the ``image_id`` and so the splits stay as they are) and its width/height become the stored
-    size; ``boxes.csv`` (fractions) is copied. The knee set is copied as provided (its ids are
-    its file names). ``sample`` keeps a deterministic subset per source (smoke tests; it changes
-    FracAtlas's stratified split). Returns counts and bytes written.
-    """
-    import shutil
-
-    src, dst = Path(src), Path(dst)
-    stats = {"fracatlas": 0, "knee": 0, "bytes": 0}
-    fa = src / "fracatlas"
-    if (fa / "labels.csv").exists():
-        rows = list(csv.DictReader(open(fa / "labels.csv", newline="")))
-        if sample:
-            rows = sorted(rows, key=lambda r: hash_fraction("pack:" + r["image_id"]))[:sample]
-        (dst / "fracatlas" / "images").mkdir(parents=True, exist_ok=True)
-        jobs = [(str(fa / "images" / (r.get("file") or r["image_id"])),
-                 str(dst / "fracatlas" / "images" / (Path(r["image_id"]).stem + ".webp")), long_side, quality)
-                for r in rows]
-        with ProcessPoolExecutor(max(1, workers)) as ex:
-            sizes = list(ex.map(_pack_one, jobs, chunksize=16))
-        fields = list(rows[0].keys()) + ([] if "file" in rows[0] else ["file"])
-        with open(dst / "fracatlas" / "labels.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fields)
-            w.writeheader()
-            for r, (_, out, _, _), (width, height, nbytes) in zip(rows, jobs, sizes):
-                w.writerow({**r, "file": Path(out).name, "width": width, "height": height})
-                stats["bytes"] += nbytes
-        if (fa / "boxes.csv").exists():
-            keep = {r["image_id"] for r in rows}
-            with open(fa / "boxes.csv", newline="") as f_in, open(dst / "fracatlas" / "boxes.csv", "w", newline="") as f_out:
-                rd = csv.DictReader(f_in)
-                w = csv.DictWriter(f_out, rd.fieldnames)
-                w.writeheader()
-                w.writerows(b for b in rd if b["image_id"] in keep)
-        stats["fracatlas"] = len(rows)
-    knee = src / "knee-kl"
-    if knee.is_dir():
-        files = sorted(p for p in knee.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if sample:
-            files = sorted(files, key=lambda p: hash_fraction("pack:" + str(p.relative_to(knee))))[:sample]
-        for p in files:
-            out = dst / "knee-kl" / p.relative_to(knee)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(p, out)
-            stats["bytes"] += out.stat().st_size
-        stats["knee"] = len(files)
-    (dst / PACK_FILE).write_text(json.dumps({"command": command, "source": str(src), "long_side": long_side,
-                                             "quality": quality, "sample": sample, **stats}, indent=2) + "\n")
-    return stats
-
-
-def pack_info(data_dir: str | Path) -> dict | None:
-    """What :func:`pack_layout` recorded about a packed copy (None for the data as distributed)."""
-    path = Path(data_dir) / PACK_FILE
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _pack_one(job) -> tuple[int, int, int]:
-    src, out, long_side, quality = job
-    from PIL import ImageFile
-
-    ImageFile.LOAD_TRUNCATED_IMAGES = True
-    with Image.open(src) as im:
-        im = im.convert("L")
-        f = long_side / max(im.size)
-        if f < 1:
-            im = im.resize((max(1, round(im.size[0] * f)), max(1, round(im.size[1] * f))), Image.Resampling.BOX)
-        im.save(out, "WEBP", quality=quality, method=6)
-        return im.size[0], im.size[1], os.path.getsize(out)
-
-
-def records_to_json(records: list[Record]) -> list[dict]:
-    return [asdict(r) for r in records]
