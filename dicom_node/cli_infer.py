@@ -14,6 +14,10 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from inference.results import ImageResult
 
 log = logging.getLogger("dicom_node.infer")
 
@@ -56,7 +60,7 @@ class InferCommand:
         self.dicom_out = dicom_out
         self.written: list[Path] = []
         self.errors: list[str] = []
-        self.results: dict[int, object] = {}  # input index -> its ImageResult
+        self.results: dict[int, ImageResult] = {}  # input index -> its result
 
     def run(self, files: list[Path]) -> list[dict]:
         """One JSON document per input file, in the order of ``files``."""
@@ -167,6 +171,7 @@ class InferCommand:
 
 def cmd_infer(args) -> int:
     from dicom_node.config import RoutingSection
+    from inference.results import BinaryFinding
 
     files = collect(args.inputs)
     if not files:
@@ -196,7 +201,7 @@ def cmd_infer(args) -> int:
         for i, f in enumerate(files):
             res = command.results[i]
             if res.processed:
-                parts = [f"{x.name}={x.decision}({x.probability:.2f})" if hasattr(x, "decision")
+                parts = [f"{x.name}={x.decision}({x.probability:.2f})" if isinstance(x, BinaryFinding)
                          else f"{x.name}={x.label}({x.confidence:.2f})" for x in res.findings()]
                 print(f"{f}: " + " ".join(parts) + f" regions={len(res.regions)}")
             else:
