@@ -1,8 +1,12 @@
 """The ``dicom-node`` command line.
 
 Node commands (``serve``, ``check-config``, ``status``, ``studies``) read the
-configuration; model commands (``infer``, ``model ...``) live in
-:mod:`dicom_node.cli_model` and import torch only when they run.
+configuration; ``infer`` (:mod:`dicom_node.cli_infer`) and the model commands
+(``model ...``, :mod:`dicom_node.cli_model`) import torch only when they run.
+
+Logging: ``--log-level`` (or ``$MSKNODE_LOG_LEVEL``) if given, else the
+configuration's ``logging.level`` once a command has read it, else INFO. The
+level chosen is the node's and its workers' alike.
 """
 
 from __future__ import annotations
@@ -19,10 +23,25 @@ from dicom_node.errors import EXPECTED_ERRORS, ConfigError
 log = logging.getLogger("dicom_node")
 
 
-def _load_config(args):
-    from dicom_node.config import load_config
+def _log_level_override(args) -> str | None:
+    return getattr(args, "log_level", None) or os.environ.get("MSKNODE_LOG_LEVEL") or None
 
-    return load_config(args.config)
+
+def _load_config(args):
+    """The configuration of ``--config``, with ``--log-level`` folded into ``logging.level``; the
+    process logs at that level from here on (so do the inference workers, which get this config)."""
+    from dicom_node.config import LoggingSection, load_config
+    from dicom_node.logs import setup_logging
+
+    cfg = load_config(args.config)
+    override = _log_level_override(args)
+    if override:
+        try:
+            cfg = cfg.model_copy(update={"logging": LoggingSection(level=override)})
+        except ValueError:
+            raise ConfigError("one of DEBUG, INFO, WARNING, ERROR, CRITICAL", key="--log-level") from None
+    setup_logging(cfg.logging.level)
+    return cfg
 
 
 def cmd_check_config(args) -> int:
@@ -157,8 +176,9 @@ def cmd_db(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dicom-node", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.environ.get("MSKNODE_CONFIG", "config.yaml"),
-                   help="configuration file (default: config.yaml, or $MSKNODE_CONFIG)")
+    p.add_argument("--config", default=None,
+                   help="configuration file (default: $MSKNODE_CONFIG, else config.yaml; infer reads its "
+                        "routing and pipeline.batch_size only when it is given)")
     p.add_argument("--log-level", default=None, help="override logging.level (DEBUG, INFO, ...)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -193,18 +213,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "current: print the schema revision")
     s.set_defaults(func=cmd_db)
 
-    from dicom_node import cli_model
+    from dicom_node import cli_infer, cli_model
 
+    cli_infer.register(sub)
     cli_model.register(sub)
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; ``args.config`` is the configuration file to read and
+    ``args.config_given`` whether ``--config`` named it."""
+    args = build_parser().parse_args(argv)
+    args.config_given = args.config is not None
+    if args.config is None:
+        args.config = os.environ.get("MSKNODE_CONFIG", "config.yaml")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     from dicom_node.logs import setup_logging
 
-    setup_logging(args.log_level or os.environ.get("MSKNODE_LOG_LEVEL") or "INFO")
+    try:
+        setup_logging(_log_level_override(args) or "INFO")  # until a command reads the configuration
+    except ValueError:
+        print("configuration error: --log-level: one of DEBUG, INFO, WARNING, ERROR, CRITICAL", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

@@ -1,4 +1,4 @@
-"""Model commands: ``infer`` and ``model pretrain|fit-heads|evaluate``.
+"""Model commands: ``model pretrain|fit-heads|evaluate`` (``infer`` is :mod:`dicom_node.cli_infer`).
 
 torch and the model code are imported inside the handlers, so node commands
 (``serve``, ``status``, ...) start without loading them.
@@ -10,7 +10,6 @@ import json
 import logging
 import shlex
 import sys
-from pathlib import Path
 
 log = logging.getLogger("dicom_node.model")
 
@@ -231,125 +230,6 @@ def cmd_card(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-# infer
-
-INPUT_SUFFIXES = {".dcm", ".dicom", ".jpg", ".jpeg", ".png", ""}
-
-
-def _collect(paths: list[str]) -> list[Path]:
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in INPUT_SUFFIXES
-                            and not f.name.startswith("."))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise SystemExit(f"{p}: no such file or directory")
-    return files
-
-
-def _read_input(path: Path):
-    """(kind, object): ('dicom', Dataset) | ('array', uint8 image) | ('error', reason)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    if path.suffix.lower() in (".jpg", ".jpeg", ".png"):
-        from inference.pixels import load_image_file
-
-        try:
-            return "array", load_image_file(path)
-        except Exception as exc:
-            return "error", f"cannot read image: {exc}"
-    try:
-        return "dicom", pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        return "error", f"not a readable DICOM file: {exc}"
-
-
-def cmd_infer(args) -> int:
-    _threads(args)
-    import hashlib
-
-    from inference import load_bundle
-    from inference.pixels import overlay_png
-    from inference.results import ImageResult
-
-    files = _collect(args.inputs)
-    if not files:
-        raise SystemExit("no input files")
-    model = load_bundle(args.bundle, args.device)
-    heads = set(args.heads.split(",")) if args.heads else None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = []
-    dicom_results = []  # (file, result) of DICOM inputs, for --dicom-out
-    for start in range(0, len(files), args.batch_size):
-        chunk = files[start:start + args.batch_size]
-        loaded = [_read_input(f) for f in chunk]
-        results: list = [None] * len(chunk)
-        dsets = [(i, o) for i, (k, o) in enumerate(loaded) if k == "dicom"]
-        arrs = [(i, o) for i, (k, o) in enumerate(loaded) if k == "array"]
-        ids = [str(f) for f in chunk]
-        if dsets:
-            for (i, _), r in zip(dsets, model.predict_datasets([o for _, o in dsets], [ids[i] for i, _ in dsets],
-                                                               heads)):
-                results[i] = r
-        if arrs:
-            for (i, _), r in zip(arrs, model.predict_arrays([o for _, o in arrs], [ids[i] for i, _ in arrs], heads)):
-                results[i] = r
-        for i, (kind, obj) in enumerate(loaded):
-            if kind == "error":
-                results[i] = ImageResult.not_processed(ids[i], obj)
-        for f, (kind, obj), res in zip(chunk, loaded, results):
-            stem = f"{start + chunk.index(f):05d}-{hashlib.sha256(str(f.resolve()).encode()).hexdigest()[:12]}"
-            doc = res.to_json()
-            doc["source"] = str(f)
-            doc["model"] = {"name": model.info.name, "version": model.info.version,
-                            "weights_sha256": model.info.weights_sha256}
-            if res.processed:
-                from inference.pixels import display_uint8
-
-                image = obj if kind == "array" else display_uint8(obj)
-                boxes = [(r.box, (255, 255, 0)) for r in res.regions]
-                boxes += [(r.box, (255, 40, 40)) for r in res.fracture_regions]
-                heat = res.anomaly_map if res.anomaly_map is not None else res.fracture_map
-                overlay_png(image, heat, out / f"{stem}.png", boxes)
-                doc["heatmap_png"] = f"{stem}.png"
-                if res.fracture_map is not None:
-                    overlay_png(image, res.fracture_map, out / f"{stem}_fracture.png",
-                                [(r.box, (255, 40, 40)) for r in res.fracture_regions])
-                    doc["fracture_heatmap_png"] = f"{stem}_fracture.png"
-            (out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
-            doc["json"] = f"{stem}.json"
-            if kind == "dicom":
-                dicom_results.append((f, res))
-            summary.append(doc)
-            if not args.json:
-                if res.processed:
-                    parts = [f"{x.name}={x.decision}({x.probability:.2f})" if hasattr(x, "decision")
-                             else f"{x.name}={x.label}({x.confidence:.2f})" for x in res.findings()]
-                    print(f"{f}: " + " ".join(parts) + f" regions={len(res.regions)}")
-                else:
-                    print(f"{f}: not processed: {res.reason}")
-    (out / "index.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if args.dicom_out:
-        from dicom_node.results_dicom import write_results_for_files
-
-        written, errors = write_results_for_files(dicom_results, model.info, args.dicom_out, card=model.card)
-        for msg in errors:
-            print(f"--dicom-out: {msg}", file=sys.stderr)
-        if not args.json:
-            print(f"{len(written)} DICOM result objects (SR, heatmaps, summary) written to {args.dicom_out}")
-    if args.json:
-        print(json.dumps(summary))
-    processed = sum(1 for d in summary if d["processed"])
-    if not args.json:
-        print(f"{processed}/{len(summary)} images processed; results in {out}")
-    return 0 if processed == len(summary) else 3
-
-
 def cmd_pack_data(args) -> int:
     from inference.training.pack import pack_layout
 
@@ -416,17 +296,3 @@ def register_more(sub, msub) -> None:
     p = msub.add_parser("card", help="render the bundle's docs/README.md model card from its metadata")
     p.add_argument("--bundle", required=True)
     p.set_defaults(func=cmd_card)
-
-    p = sub.add_parser("infer", help="run the model on DICOM (or JPEG/PNG) files: JSON findings + heatmap PNGs")
-    p.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--bundle", default=None, help="model bundle (default: the shipped model)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
-    p.add_argument("--heads", default=None, help="comma-separated heads (default: all, plus anomaly)")
-    p.add_argument("--dicom-out", default=None, metavar="DIR",
-                   help="also write the DICOM results of the DICOM inputs (SR, heatmap and summary secondary "
-                        "captures, one folder per study) into DIR")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=cmd_infer)

@@ -20,6 +20,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicom_node.errors import ConfigError
+from inference.vocabulary import HEAD_NAMES
 
 ENV_PREFIX = "MSKNODE__"
 
@@ -112,7 +113,6 @@ class SendingSection(_Section):
         return min(self.max_delay_seconds, self.base_delay_seconds * self.multiplier ** max(0, attempts - 1))
 
 
-HEAD_NAMES = ("fracture", "kl_grade", "anatomy", "view", "tumour")
 OUTPUT_KINDS = ("sr", "heatmaps", "summary")
 
 
@@ -160,7 +160,7 @@ class PipelineSection(_Section):
     enabled: bool = True
     bundle: Path | None = None  # None: the bundled default model
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    batch_size: Annotated[int, Field(ge=1, le=256)] = 8
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 8  # images per forward pass (dicom_node.stages.infer)
     workers: Annotated[int, Field(ge=1, le=8)] = 1
     rerun_on_late_images: bool = True
     lease_seconds: Annotated[float, Field(gt=0)] = 600.0  # a claim not renewed for this long is taken back

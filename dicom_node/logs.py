@@ -7,6 +7,7 @@ import sys
 
 
 def setup_logging(level: str = "INFO") -> None:
+    """Log to stderr at ``level`` (``logging.level``); called again, only the level changes."""
     root = logging.getLogger()
     if getattr(root, "_msknode_configured", False):
         root.setLevel(level.upper())

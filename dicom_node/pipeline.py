@@ -1,17 +1,19 @@
 """The pipeline: a stable study in, its result objects stored, indexed and queued for sending.
 
-Stages, each with declared inputs and outputs (as MONAI Deploy operators):
+:meth:`Pipeline._process` composes the stages of :mod:`dicom_node.stages` (each with declared
+inputs and outputs, as MONAI Deploy operators) with the index calls of :class:`storage.jobs.Jobs`:
 
 1. ``claim``   index → :class:`ClaimedStudy` (atomic; several workers may run)
-2. ``load``    instance files → datasets, each with the reason it cannot be processed, if any
-3. ``infer``   datasets → one :class:`ImageResult` per image (the encoder runs once per image)
+2. ``load``    instance rows → :class:`~dicom_node.stages.LoadedImage` (SOP class and modality filter)
+3. ``infer``   loaded images → one :class:`ImageResult` per image, ``pipeline.batch_size`` at a time
 4. ``route``   results + routing rules → results filtered to the rule's heads, destinations per output
 5. ``encode``  datasets + results → SR, heatmap SCs, summary SC (validated at construction)
 6. ``record``  objects → files in the store + result rows + deliveries, in one transaction
                (only if the study did not change while it was inferred)
 
-The worker runs in its own process (:func:`worker_main`): receiving never waits
-for inference, and the model is loaded once and stays on its device.
+``dicom-node infer`` (:mod:`dicom_node.cli_infer`) runs the same load, infer, route and encode
+stages on files. The worker runs in its own process (:func:`worker_main`): receiving never
+waits for inference, and the model is loaded once and stays on its device.
 """
 
 from __future__ import annotations
@@ -22,32 +24,17 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
 
 import pydicom
-from pydicom.filebase import DicomBytesIO
 
+from dicom_node import stages
 from dicom_node.config import Config
 from dicom_node.errors import EXPECTED_ERRORS, EncodingError, InvalidDataset
-from dicom_node.routing import ImageFacts, apply_heads, destinations, route
-from dicom_node.sop import STORAGE_SOP_CLASSES
-from inference.results import ImageResult
 from storage.files import InstanceStore
 from storage.index import Index
 from storage.jobs import ClaimedStudy, Jobs, NewResult
 
 log = logging.getLogger("dicom_node.pipeline")
-
-#: SOP classes the model reads (mammography is received but is not a musculoskeletal radiograph)
-_MODEL_MODALITIES = {"CR", "DX", "OT", "RG", "XA", "DR", ""}
-
-
-@dataclass
-class LoadedImage:
-    row: dict
-    ds: pydicom.Dataset | None
-    reason: str | None  # why it cannot be processed (None: it can)
-    reason_kind: str | None = None  # "unsupported SOP class" | "routing rule" | "not processable"
 
 
 def worker_id(n: int = 0) -> str:
@@ -132,90 +119,25 @@ class Pipeline:
         log.info("study %s: %s in %.1f s", claim.StudyInstanceUID, outcome, time.monotonic() - t0)
         return True
 
-    # -- stages --------------------------------------------------------------
-    def _load(self, claim: ClaimedStudy) -> list[LoadedImage]:
-        images = []
-        for row in claim.instances:
-            if row["SOPClassUID"] not in STORAGE_SOP_CLASSES or row["Modality"].upper() not in _MODEL_MODALITIES:
-                images.append(LoadedImage(row, None, f"unsupported SOP class or modality "
-                                                     f"({row['Modality'] or row['SOPClassUID']})",
-                                          "unsupported SOP class"))
-                continue
-            try:
-                ds = pydicom.dcmread(self.store.abspath(row["file_path"]))
-            except Exception as exc:
-                images.append(LoadedImage(row, None, f"stored file cannot be read: {exc}", "not processable"))
-                continue
-            images.append(LoadedImage(row, ds, None))
-        return images
-
+    # -- one study: the stages of dicom_node.stages, plus the index calls -----------------------------
     def _process(self, claim: ClaimedStudy) -> str:
         if claim.updated and claim.result_version and not self.cfg.pipeline.rerun_on_late_images:
             self.jobs.skip(claim, "late images after results: re-run disabled (pipeline.rerun_on_late_images)")
             return "skipped (late images, re-run disabled)"
-        images = self._load(claim)
-        readable = [im for im in images if im.ds is not None]
-        results: dict[str, ImageResult] = {}
-        if readable:
-            predicted = self.model.predict_datasets([im.ds for im in readable],
-                                                    [im.row["SOPInstanceUID"] for im in readable])
-            for im, r in zip(readable, predicted):
-                results[im.row["SOPInstanceUID"]] = r
+        images = stages.load_instances(claim.instances, self.store.abspath, claim.calling_ae)
+        results = stages.infer(self.model, images, self.cfg.pipeline.batch_size)
         self.jobs.heartbeat(claim)
-
-        rules = []
-        for im in readable:
-            uid = im.row["SOPInstanceUID"]
-            r = results[uid]
-            facts = ImageFacts(claim.calling_ae, im.row["Modality"], im.row["BodyPartExamined"],
-                               im.row["ViewPosition"], im.row["SOPClassUID"])
-            rule = route(self.cfg.routing, facts, r.anatomy.label if r.processed and r.anatomy else None)
-            if rule.skip:
-                results[uid] = ImageResult.not_processed(uid, f"routing rule {rule.name!r}", r.rows, r.columns)
-                im.reason, im.reason_kind = f"routing rule {rule.name!r}", "routing rule"
-                continue
-            results[uid] = apply_heads(rule, r)
-            if results[uid].processed:
-                rules.append(rule)
-            else:
-                im.reason, im.reason_kind = results[uid].reason, "not processable"
-
-        processed = [im for im in readable if results[im.row["SOPInstanceUID"]].processed]
+        routed = stages.route(images, results, self.cfg.routing, claim.calling_ae)
+        processed = routed.processed
         if not processed:
-            kinds = {im.reason_kind for im in images}
-            reason = ("unsupported SOP class" if kinds == {"unsupported SOP class"} else
-                      "routing rule" if kinds == {"routing rule"} else "no processable image")
-            detail = "; ".join(sorted({im.reason for im in images if im.reason}))[:500]
-            self.jobs.skip(claim, f"{reason}: {detail}" if detail else reason)
-            return f"skipped ({reason})"
+            reason = stages.skip_reason(routed.images)
+            self.jobs.skip(claim, reason)
+            return f"skipped ({reason.split(':', 1)[0]})"
 
-        from dicom_node.results_dicom import build_result_objects, card_concepts
-
-        predecessor = None
-        if claim.previous_sr is not None:
-            try:
-                predecessor = pydicom.dcmread(self.store.abspath(claim.previous_sr["file_path"]),
-                                              stop_before_pixels=True)
-            except Exception as exc:
-                log.warning("study %s: the SR being superseded cannot be read (%s); no predecessor reference",
-                            claim.StudyInstanceUID, exc)
         version = claim.result_version + 1
-        objs = build_result_objects([im.ds for im in readable], [results[im.row["SOPInstanceUID"]] for im in readable],
-                                    self.model.info, result_version=version,
-                                    predecessor=predecessor if version > 1 else None,
-                                    concept_overrides=card_concepts(self.model.card))
-        dests = destinations(rules, claim.calling_ae)
-        written: list[NewResult] = []
-        outputs = [("summary", objs.summary, dests["summary"])] + \
-            [("heatmap", h, dests["heatmaps"]) for h in objs.heatmaps] + [("sr", objs.sr, dests["sr"])]
-        for kind, ds, to in outputs:
-            buf = DicomBytesIO()
-            ds.save_as(buf, enforce_file_format=True)
-            data = buf.getvalue()
-            rel = self.store.result_relpath(claim.StudyInstanceUID, f"{kind}:{ds.SOPInstanceUID}")
-            self.store.write(rel, data)
-            written.append(NewResult(kind, str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.SeriesInstanceUID),
-                                     str(ds.file_meta.TransferSyntaxUID), rel, len(data), tuple(to)))
+        objs = stages.encode(routed.images, routed.results, self.model.info, card=self.model.card,
+                             result_version=version, predecessor=self._predecessor(claim) if version > 1 else None)
+        written = self._record(claim, stages.to_part10(objs), routed.destinations)
         if not self.jobs.finish(claim, version, written):
             for w in written:
                 self.store.delete(w.file_path)
@@ -223,6 +145,30 @@ class Pipeline:
         n_bad = len(images) - len(processed)
         return (f"results v{version} ready ({len(processed)} image(s) processed, {n_bad} not), "
                 f"{len(written)} object(s) queued for {sorted({d for w in written for d in w.destinations})}")
+
+    def _predecessor(self, claim: ClaimedStudy) -> pydicom.Dataset | None:
+        """The SR a re-run supersedes (its header), None if there is none or it cannot be read."""
+        if claim.previous_sr is None:
+            return None
+        try:
+            return pydicom.dcmread(self.store.abspath(claim.previous_sr["file_path"]), stop_before_pixels=True)
+        except Exception as exc:
+            log.warning("study %s: the SR being superseded cannot be read (%s); no predecessor reference",
+                        claim.StudyInstanceUID, exc)
+            return None
+
+    def _record(self, claim: ClaimedStudy, objects: list[stages.EncodedObject],
+                dests: dict[str, tuple[str, ...]]) -> list[NewResult]:
+        """The write stage of the node: each object into the store, as the result row to index."""
+        written: list[NewResult] = []
+        for obj in objects:
+            ds = obj.dataset
+            rel = self.store.result_relpath(claim.StudyInstanceUID, f"{obj.kind}:{ds.SOPInstanceUID}")
+            self.store.write(rel, obj.data)
+            written.append(NewResult(obj.kind, str(ds.SOPInstanceUID), str(ds.SOPClassUID),
+                                     str(ds.SeriesInstanceUID), str(ds.file_meta.TransferSyntaxUID), rel,
+                                     len(obj.data), tuple(dests[stages.OUTPUT_OF[obj.kind]])))
+        return written
 
 
 def _signal(conn, byte: bytes) -> None:

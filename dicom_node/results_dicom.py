@@ -228,44 +228,40 @@ def write_result_objects(objs: ResultObjects, out_dir: Path | str) -> list[Path]
 
 def write_results_for_files(pairs: Sequence[tuple[Path | str, ImageResult]], model: ModelInfo, out_dir: Path | str,
                             *, card=None, result_version: int = 1) -> tuple[list[Path], list[str]]:
-    """``dicom-node infer --dicom-out``: results of DICOM files -> SR, heatmaps and summary per study.
+    """Results of DICOM files -> SR, heatmaps and summary per study, through the stages of
+    :mod:`dicom_node.stages` (load, encode, write), as ``dicom-node infer --dicom-out`` does.
 
     ``pairs`` are (DICOM file, its result). Files are grouped by study (re-read here, so the caller
     need not keep the datasets); each study's objects go into ``out_dir/<study id>/`` (an id derived
-    from the Study Instance UID). A file repeating a SOP Instance UID already seen is skipped.
-    Returns (paths written, one message per study or file that could not be encoded).
+    from the Study Instance UID). A file repeating a SOP Instance UID already seen is skipped, and so
+    is a file the node would not read (its SOP class or modality). Returns (paths written, one
+    message per study or file that could not be encoded).
     """
-    import pydicom
-
+    from dicom_node import stages
     from dicom_node.identity import derive_id
 
     log = logging.getLogger("dicom_node.results")
-    overrides = card_concepts(card) if card is not None else None
-    studies: dict[str, list[tuple[Dataset, ImageResult]]] = {}
+    studies: dict[str, list[tuple[stages.LoadedImage, ImageResult]]] = {}
     seen: set[str] = set()
     errors: list[str] = []
     for path, result in pairs:
-        try:
-            ds = pydicom.dcmread(path)
-            study, sop = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
-        except Exception as exc:  # unreadable now, or missing the UIDs a result object needs
-            errors.append(f"{path}: not encoded as DICOM ({type(exc).__name__}: {exc})")
+        image = stages.load_file(path)
+        if image.ds is None or not str(image.ds.get("StudyInstanceUID", "") or "") \
+                or not str(image.ds.get("SOPInstanceUID", "") or ""):
+            errors.append(f"{path}: not encoded as DICOM ({image.reason or 'no Study or SOP Instance UID'})")
             continue
+        study, sop = str(image.ds.StudyInstanceUID), str(image.ds.SOPInstanceUID)
         if sop in seen:
             errors.append(f"{path}: skipped, SOP Instance UID already given by another file")
             continue
         seen.add(sop)
-        if result.image_id != sop:  # results are matched by position below; keep them aligned
-            from dataclasses import replace
-
-            result = replace(result, image_id=sop)
-        studies.setdefault(study, []).append((ds, result))
+        studies.setdefault(study, []).append((image, result))
     written: list[Path] = []
     for study, items in studies.items():
         try:
-            objs = build_result_objects([d for d, _ in items], [r for _, r in items], model,
-                                        result_version=result_version, concept_overrides=overrides)
-            written += write_result_objects(objs, Path(out_dir) / f"study_{derive_id('study', study, length=16)}")
+            objs = stages.encode([im for im, _ in items], [r for _, r in items], model, card=card,
+                                 result_version=result_version)
+            written += stages.write_files(objs, Path(out_dir) / f"study_{derive_id('study', study, length=16)}")
         except EncodingError as exc:
             log.error("study %s: results not encoded: %s", study, exc)
             errors.append(f"study {study}: results not encoded: {exc}")

@@ -13,9 +13,8 @@ from dataclasses import dataclass, replace
 
 from dicom_node.config import OUTPUT_KINDS, RoutingRule, RoutingSection
 from inference.results import ImageResult
+from inference.vocabulary import HEAD_NAMES
 
-#: findings of ImageResult and the head that makes each
-_FINDING_FIELDS = ("fracture", "kl_grade", "anatomy", "view", "tumour")
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ def apply_heads(rule: RoutingRule, result: ImageResult) -> ImageResult:
     if rule.heads == "all" or not result.processed:
         return result
     keep = set(rule.heads)
-    drop = {f: None for f in _FINDING_FIELDS if f not in keep}
+    drop = {f: None for f in HEAD_NAMES if f not in keep}  # a head's finding: the ImageResult field of its name
     if "fracture" not in keep:
         drop["fracture_map"] = None
         drop["fracture_regions"] = ()

@@ -9,9 +9,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 import pydicom
 from PIL import Image
 from pydicom.data import get_testdata_file
+
+from dicom_node.sc.content import layout
+from dicom_node.sc.enum import MAX_SIDE
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "dicom_node.cli"]
@@ -46,9 +50,12 @@ def test_infer_writes_json_and_heatmaps(tmp_path):
         on_disk = json.loads((out / d["json"]).read_text())
         assert on_disk["findings"] == d["findings"]
         png = Image.open(out / d["heatmap_png"])
-        assert png.mode == "RGB" and max(png.size) <= 1024
-        # the heatmap keeps the source's aspect ratio
-        assert abs(png.size[0] / png.size[1] - ds.Columns / ds.Rows) < 0.01
+        # the heatmap PNG is the heatmap secondary capture: the image above, the burned-in panel below
+        assert png.mode == "RGB" and max(png.size) <= MAX_SIDE
+        lay = next(lay for n in range(3, 12) if (lay := layout(ds.Rows, ds.Columns, n)) and
+                   (lay.canvas_width, lay.height) == png.size)
+        # its image part keeps the source's aspect ratio
+        assert abs(lay.width / lay.image_height - ds.Columns / ds.Rows) < 0.01
         assert (out / d["fracture_heatmap_png"]).is_file()
         # output files are named from hashes, not from the input's names
         assert "leg" not in d["json"] and "chest" not in d["json"]
@@ -91,3 +98,47 @@ def test_model_commands_are_registered():
                 ["infer", "--help"]):
         p = run(*cmd, check_rc=0)
         assert "usage" in p.stdout
+
+
+def test_infer_heatmap_png_is_the_capture_the_pacs_receives(tmp_path):
+    """One blend: the PNG of an image is the pixel data of the heatmap SC written with --dicom-out."""
+    out, dicom_out = tmp_path / "out", tmp_path / "dicom"
+    p = run("infer", get_testdata_file("RG3_J2KR.dcm"), "--out", out, "--dicom-out", dicom_out, "--json", check_rc=0)
+    (doc,) = json.loads(p.stdout)
+    (heatmap,) = dicom_out.rglob("heatmap_*.dcm")
+    sc = pydicom.dcmread(heatmap)
+    source = pydicom.dcmread(get_testdata_file("RG3_J2KR.dcm"), stop_before_pixels=True)
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert np.array_equal(np.asarray(Image.open(out / doc["heatmap_png"])), sc.pixel_array)
+
+
+def test_infer_applies_the_modality_filter_of_the_node(tmp_path):
+    """An image the model does not read (MR) is reported as the node reports it, and a study with no
+    processed image gets no DICOM objects, as the node sends none."""
+    out, dicom_out = tmp_path / "out", tmp_path / "dicom"
+    p = run("infer", get_testdata_file("MR_small.dcm"), get_testdata_file("RG3_J2KR.dcm"), "--out", out,
+            "--dicom-out", dicom_out, "--json", check_rc=3)
+    mr, rg = json.loads(p.stdout)
+    assert not mr["processed"] and mr["reason"] == "unsupported SOP class or modality (MR)"
+    assert "heatmap_png" not in mr and rg["processed"]
+    assert len(list(dicom_out.iterdir())) == 1  # the radiograph's study only
+
+
+def test_infer_uses_the_routing_rules_of_config(tmp_path):
+    """With --config, routing rules apply as in the node: a skipping rule, and a rule's heads."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "peers": [{"ae_title": "PACS"}],
+        "routing": {"rules": [{"name": "no-chest", "match": {"body_part": ["CHEST"]}, "skip": True},
+                              {"name": "legs", "match": {"body_part": ["EXTREMITY"]}, "heads": ["anatomy"]}]},
+    }))
+    out = tmp_path / "out"
+    p = run("--config", config, "infer", get_testdata_file("RG1_J2KI.dcm"), get_testdata_file("RG3_J2KR.dcm"),
+            "--out", out, "--json", check_rc=3)
+    chest, leg = json.loads(p.stdout)
+    assert not chest["processed"] and chest["reason"] == "routing rule 'no-chest'"
+    assert leg["processed"] and set(leg["findings"]) == {"anatomy"}
+    # without --config the default rule applies: both processed, every head
+    p = run("infer", get_testdata_file("RG1_J2KI.dcm"), get_testdata_file("RG3_J2KR.dcm"), "--out", out, "--json",
+            check_rc=0)
+    assert {"fracture", "anatomy", "view"} <= set(json.loads(p.stdout)[1]["findings"])

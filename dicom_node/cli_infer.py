@@ -1,0 +1,243 @@
+"""``dicom-node infer``: the node's stages (:mod:`dicom_node.stages`) on files.
+
+DICOM inputs go through the same load (SOP class and modality filter), infer, route (the
+default rule, or the rules of ``--config``) and encode stages as a study the node receives;
+an image's heatmap PNG is the pixels of the heatmap secondary capture the PACS would receive.
+JPEG/PNG inputs are inferred as displayed images, and their heatmap rendered by the same
+function. torch is imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from inference.results import ImageResult
+
+log = logging.getLogger("dicom_node.infer")
+
+INPUT_SUFFIXES = {".dcm", ".dicom", ".jpg", ".jpeg", ".png", ""}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+DEFAULT_BATCH_SIZE = 16
+
+
+def collect(paths: list[str]) -> list[Path]:
+    """Input files: the files given, and the files under the folders given (sorted)."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in INPUT_SUFFIXES
+                            and not f.name.startswith("."))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise SystemExit(f"{p}: no such file or directory")
+    return files
+
+
+def _save_png(pixels, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(pixels).save(path)
+
+
+class InferCommand:
+    """One run of ``dicom-node infer``: per-image JSON and heatmap PNG in ``out``, optionally the DICOM
+    result objects of each study in ``dicom_out``."""
+
+    def __init__(self, model, out: Path, *, routing, batch_size: int, heads: set[str] | None = None,
+                 dicom_out: Path | None = None):
+        self.model = model
+        self.out = out
+        self.routing = routing
+        self.batch_size = batch_size
+        self.heads = heads
+        self.dicom_out = dicom_out
+        self.written: list[Path] = []
+        self.errors: list[str] = []
+        self.results: dict[int, ImageResult] = {}  # input index -> its result
+
+    def run(self, files: list[Path]) -> list[dict]:
+        """One JSON document per input file, in the order of ``files``."""
+        from dicom_node import stages
+
+        docs: list[dict | None] = [None] * len(files)
+        dicom = [i for i, f in enumerate(files) if f.suffix.lower() not in IMAGE_SUFFIXES]
+        images = [stages.load_file(files[i]) for i in dicom]
+        results = stages.infer(self.model, images, self.batch_size, self.heads)
+        routed = stages.route(images, results, self.routing)
+        studies: dict[str, list[int]] = {}  # Study Instance UID -> positions in ``dicom``
+        for k, im in enumerate(routed.images):
+            if im.ds is not None:
+                studies.setdefault(str(im.ds.get("StudyInstanceUID", "") or ""), []).append(k)
+            else:
+                docs[dicom[k]] = self._doc(files, dicom[k], routed.results[k], None)
+        for members in studies.values():
+            objs = self._encode(files, [dicom[k] for k in members], [routed.images[k] for k in members],
+                                [routed.results[k] for k in members])
+            for k in members:
+                im, r = routed.images[k], routed.results[k]
+                pixels = stages.heatmap_pixels(objs, im) if objs is not None and r.processed else None
+                if pixels is None and r.processed:
+                    pixels = self._render(im.ds, None, r)
+                docs[dicom[k]] = self._doc(files, dicom[k], r, pixels)
+        self._arrays(files, [i for i, f in enumerate(files) if f.suffix.lower() in IMAGE_SUFFIXES], docs)
+        return docs  # type: ignore[return-value]
+
+    def _encode(self, files: list[Path], indices: list[int], images: list, results: list):
+        """The encode (and, with ``dicom_out``, write) stage for the loaded images of one study; None when
+        nothing was processed (as the node, which sends nothing then) or the study cannot be encoded."""
+        from dicom_node import stages
+        from dicom_node.errors import EncodingError
+
+        # a file repeating a SOP Instance UID already given is left out of the study's objects
+        seen: set[str] = set()
+        chosen = []
+        for i, im, r in zip(indices, images, results):
+            uid = str(im.ds.get("SOPInstanceUID", "") or "")
+            if uid in seen:
+                self.errors.append(f"{files[i]}: skipped, SOP Instance UID already given by another file")
+                continue
+            seen.add(uid)
+            chosen.append((im, r))
+        if not any(r.processed for _, r in chosen):
+            return None
+        try:
+            objs = stages.encode([im for im, _ in chosen], [r for _, r in chosen], self.model.info,
+                                 card=self.model.card)
+        except EncodingError as exc:
+            study = str(chosen[0][0].ds.get("StudyInstanceUID", "") or "")
+            log.error("study %s: results not encoded: %s", study, exc)
+            self.errors.append(f"study {study}: results not encoded: {exc}")
+            return None
+        if self.dicom_out is not None:
+            from dicom_node.identity import derive_id
+
+            folder = self.dicom_out / f"study_{derive_id('study', objs.identity.study_uid, length=16)}"
+            self.written += stages.write_files(objs, folder)
+        return objs
+
+    def _arrays(self, files: list[Path], indices: list[int], docs: list) -> None:
+        """JPEG/PNG inputs: inferred as displayed images, ``batch_size`` at a time."""
+        from inference.pixels import load_image_file
+        from inference.results import ImageResult
+
+        loaded = {}
+        for i in indices:
+            try:
+                loaded[i] = load_image_file(files[i])
+            except Exception as exc:  # noqa: BLE001 - any unreadable image is reported, not raised
+                docs[i] = self._doc(files, i, ImageResult.not_processed(str(files[i]), f"cannot read image: {exc}"),
+                                    None)
+        todo = list(loaded)
+        if hasattr(self.model, "batch_size"):
+            self.model.batch_size = self.batch_size
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start:start + self.batch_size]
+            predicted = self.model.predict_arrays([loaded[i] for i in chunk], [str(files[i]) for i in chunk],
+                                                  self.heads)
+            for i, r in zip(chunk, predicted):
+                docs[i] = self._doc(files, i, r, self._render(None, loaded[i], r) if r.processed else None)
+
+    def _render(self, ds, image, result):
+        """The heatmap capture's pixels, rendered as for the PACS, for an image not in an encoded study."""
+        from dicom_node.sc.content import render_heatmap
+        from inference.pixels import display_uint8
+
+        return render_heatmap(display_uint8(ds) if ds is not None else image, result, self.model.info)
+
+    def _doc(self, files: list[Path], i: int, result, pixels) -> dict:
+        f = files[i]
+        self.results[i] = result
+        stem = f"{i:05d}-{hashlib.sha256(str(f.resolve()).encode()).hexdigest()[:12]}"
+        doc = result.to_json()
+        doc["source"] = str(f)
+        info = self.model.info
+        doc["model"] = {"name": info.name, "version": info.version, "weights_sha256": info.weights_sha256}
+        if pixels is not None:
+            _save_png(pixels, self.out / f"{stem}.png")
+            doc["heatmap_png"] = f"{stem}.png"
+            if result.fracture_map is not None:  # the capture shows the fracture map when there is one
+                doc["fracture_heatmap_png"] = f"{stem}.png"
+        (self.out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+        doc["json"] = f"{stem}.json"
+        return doc
+
+
+def cmd_infer(args) -> int:
+    from dicom_node.config import RoutingSection
+    from inference.results import BinaryFinding
+
+    files = collect(args.inputs)
+    if not files:
+        raise SystemExit("no input files")
+    routing, batch_size = RoutingSection(), DEFAULT_BATCH_SIZE
+    if getattr(args, "config_given", False):
+        from dicom_node.cli import _load_config
+
+        cfg = _load_config(args)
+        routing, batch_size = cfg.routing, cfg.pipeline.batch_size
+    if args.batch_size is not None:
+        batch_size = args.batch_size
+    import torch
+
+    from inference import load_bundle
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_bundle(args.bundle, args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = InferCommand(model, out, routing=routing, batch_size=batch_size,
+                           heads=set(args.heads.split(",")) if args.heads else None,
+                           dicom_out=Path(args.dicom_out) if args.dicom_out else None)
+    summary = command.run(files)
+    if not args.json:
+        for i, f in enumerate(files):
+            res = command.results[i]
+            if res.processed:
+                parts = [f"{x.name}={x.decision}({x.probability:.2f})" if isinstance(x, BinaryFinding)
+                         else f"{x.name}={x.label}({x.confidence:.2f})" for x in res.findings()]
+                print(f"{f}: " + " ".join(parts) + f" regions={len(res.regions)}")
+            else:
+                print(f"{f}: not processed: {res.reason}")
+    (out / "index.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if args.dicom_out:
+        for msg in command.errors:
+            print(f"--dicom-out: {msg}", file=sys.stderr)
+        if not args.json:
+            print(f"{len(command.written)} DICOM result objects (SR, heatmaps, summary) written to {args.dicom_out}")
+    if args.json:
+        print(json.dumps(summary))
+    processed = sum(1 for d in summary if d["processed"])
+    if not args.json:
+        print(f"{processed}/{len(summary)} images processed; results in {out}")
+    return 0 if processed == len(summary) else 3
+
+
+def register(sub) -> None:
+    """Add ``infer`` to the ``dicom-node`` subcommands."""
+    p = sub.add_parser("infer", help="run the model on DICOM (or JPEG/PNG) files: JSON findings + heatmap PNGs",
+                       description="Runs the node's stages on files: the SOP class and modality filter, the model, "
+                                   "routing (the default rule, or the rules of --config FILE given before the "
+                                   "command) and the DICOM encoding. The heatmap PNG of an image is the heatmap "
+                                   "secondary capture the PACS would receive.")
+    p.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--bundle", default=None, help="model bundle (default: the shipped model)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    p.add_argument("--heads", default=None, help="comma-separated heads (default: all, plus anomaly)")
+    p.add_argument("--dicom-out", default=None, metavar="DIR",
+                   help="also write the DICOM results of the DICOM inputs (SR, heatmap and summary secondary "
+                        "captures, one folder per study) into DIR")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per forward pass (default: pipeline.batch_size of --config, else "
+                        f"{DEFAULT_BATCH_SIZE})")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_infer)
