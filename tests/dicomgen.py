@@ -36,6 +36,15 @@ _BODYPART_CODES = {"HAND": ("85562004", "Hand"), "LEG": ("30021000", "Lower leg"
 _REGION_TO_BODYPART = {"hand": "HAND", "leg": "LEG", "hip": "HIP", "shoulder": "SHOULDER", "mixed": "EXTREMITY"}
 
 
+def fracatlas_available() -> bool:
+    """Whether the fixture radiographs are there (they are, in any complete checkout)."""
+    return (FRACATLAS / "labels.csv").is_file() and any((FRACATLAS / "images").glob("IMG*.jpg"))
+
+
+#: The former name (when the images came from ../shared), still imported by bench/bench_receive.py.
+shared_available = fracatlas_available
+
+
 def fracatlas_images(n: int, *, offset: int = 0) -> list[Path]:
     """``n`` fixture radiographs in name order, starting at ``offset``, wrapping around the set.
 
