@@ -7,7 +7,6 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.dicomgen import shared_available  # noqa: E402
 from tests.nodeproc import NodeProcess, node_config  # noqa: E402
 
 
@@ -36,11 +35,3 @@ def make_node(tmp_path):
     for n in made:
         n.stop()
 
-
-@pytest.fixture
-def shared_data():
-    if not shared_available():
-        pytest.skip("../shared/data/msk-xray is not present (set MSK_DATA to its path)")
-    from tests import dicomgen
-
-    return dicomgen.SHARED

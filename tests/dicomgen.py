@@ -1,6 +1,7 @@
-"""Build real DX/CR test datasets from the shared radiographs and the pydicom-data files.
+"""Build real DX/CR test datasets from the committed radiographs and the pydicom-data files.
 
-The shared FracAtlas and knee images are 8-bit JPEGs; here they become
+The FracAtlas radiographs in ``tests/fixtures/fracatlas`` (twelve 8-bit JPEGs,
+CC BY 4.0, see the README there) become
 DX "for presentation" images (12 bits stored, MONOCHROME2, explicit VR little
 endian) with the usual patient/study/series attributes, so that the node and
 the model see what a modality would send. Nothing about the pixels is invented.
@@ -9,7 +10,6 @@ the model see what a modality would send. Nothing about the pixels is invented.
 from __future__ import annotations
 
 import datetime as _dt
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +19,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID,
                          generate_uid)
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("MSK_DATA", REPO.parent / "shared" / "data" / "msk-xray"))
-FRACATLAS = SHARED / "fracatlas"
-KNEE = SHARED / "knee-kl"
+#: The committed FracAtlas fixture set: ``images/``, ``labels.csv``, ``boxes.csv``.
+FRACATLAS = Path(__file__).resolve().parent / "fixtures" / "fracatlas"
 
 # SNOMED CT codes of the body parts used here (DICOM PS3.16 CID 4031).
 def code_item(value: str, scheme: str, meaning: str) -> Dataset:
@@ -38,16 +36,25 @@ _BODYPART_CODES = {"HAND": ("85562004", "Hand"), "LEG": ("30021000", "Lower leg"
 _REGION_TO_BODYPART = {"hand": "HAND", "leg": "LEG", "hip": "HIP", "shoulder": "SHOULDER", "mixed": "EXTREMITY"}
 
 
-def shared_available() -> bool:
-    return (FRACATLAS / "labels.csv").exists()
+def fracatlas_available() -> bool:
+    """Whether the fixture radiographs are there (they are, in any complete checkout)."""
+    return (FRACATLAS / "labels.csv").is_file() and any((FRACATLAS / "images").glob("IMG*.jpg"))
+
+
+#: The former name (when the images came from ../shared), still imported by bench/bench_receive.py.
+shared_available = fracatlas_available
 
 
 def fracatlas_images(n: int, *, offset: int = 0) -> list[Path]:
-    """The first ``n`` FracAtlas images (sorted by name) after ``offset``."""
+    """``n`` fixture radiographs in name order, starting at ``offset``, wrapping around the set.
+
+    The set holds a dozen images; longer runs repeat them, which is fine for a DICOM
+    node: every dataset built from an image gets its own SOP Instance UID.
+    """
     files = sorted((FRACATLAS / "images").glob("IMG*.jpg"))
-    if len(files) < offset + n:
-        raise FileNotFoundError(f"need {offset + n} FracAtlas images under {FRACATLAS}, found {len(files)}")
-    return files[offset:offset + n]
+    if not files:
+        raise FileNotFoundError(f"no FracAtlas fixture images under {FRACATLAS}")
+    return [files[(offset + i) % len(files)] for i in range(n)]
 
 
 def dx_from_image(image_path: Path | str, *, study_uid: str | None = None, series_uid: str | None = None,

@@ -13,7 +13,7 @@ from tests.peers import require
 
 
 @pytest.mark.slow
-def test_sigkill_mid_stream_loses_no_acknowledged_instance(make_node, tmp_path, shared_data):
+def test_sigkill_mid_stream_loses_no_acknowledged_instance(make_node, tmp_path):
     # quiet period long enough that the studies are still receiving when the node dies
     node = make_node(quiet_seconds=4)
     files = []

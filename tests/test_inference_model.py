@@ -228,8 +228,11 @@ def test_operating_points_reach_their_targets():
 
 # -- training data and the recorded metrics ---------------------------------------------------------
 
-needs_data = pytest.mark.skipif(not (DATA / "fracatlas" / "labels.csv").exists(),
-                                reason=f"training data not present at {DATA} (../shared/data/msk-xray)")
+#: Only the training and evaluation tests read the full data sets; every other test uses tests/fixtures.
+needs_data = pytest.mark.skipif(
+    not (DATA / "fracatlas" / "labels.csv").exists(),
+    reason=f"training data missing: put the msk-xray data sets (fracatlas/, knee-kl/) at {DATA.resolve()} "
+           "(../shared/data/msk-xray beside the repository)")
 
 
 @needs_data

@@ -8,7 +8,7 @@ from tests.dicomgen import copy_with_new_uids, fracatlas_images, pydicom_radiogr
 from tests.peers import Orthanc, free_port
 
 
-def test_orthanc_pushes_a_study_and_the_node_indexes_it(make_node, tmp_path, shared_data):
+def test_orthanc_pushes_a_study_and_the_node_indexes_it(make_node, tmp_path):
     node_port = free_port()
     with Orthanc(tmp_path / "orthanc", aet="PACS", modalities={"msknode": ("MSKNODE", "127.0.0.1", node_port)}) \
             as pacs:

@@ -71,7 +71,7 @@ def sr_evidence(pacs: Orthanc, sr: dict) -> set[str]:
 
 
 @pytest.mark.slow
-def test_orthanc_study_in_results_back_then_late_image_supersedes(make_node, tmp_path, shared_data):
+def test_orthanc_study_in_results_back_then_late_image_supersedes(make_node, tmp_path):
     node_port = free_port()
     with Orthanc(tmp_path / "orthanc", aet="PACS", modalities={"msknode": ("MSKNODE", "127.0.0.1", node_port)}) \
             as pacs:
@@ -115,7 +115,7 @@ def _jobs(node) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_outage_results_arrive_once_orthanc_is_back(make_node, tmp_path, shared_data):
+def test_outage_results_arrive_once_orthanc_is_back(make_node, tmp_path):
     node_port = free_port()
     pacs = Orthanc(tmp_path / "orthanc", aet="PACS", modalities={"msknode": ("MSKNODE", "127.0.0.1", node_port)})
     pacs.start()
@@ -143,7 +143,7 @@ def test_outage_results_arrive_once_orthanc_is_back(make_node, tmp_path, shared_
 
 
 @pytest.mark.slow
-def test_sigkill_during_inference_and_during_sending_each_result_exactly_once(make_node, tmp_path, shared_data):
+def test_sigkill_during_inference_and_during_sending_each_result_exactly_once(make_node, tmp_path):
     from tests.counting_scp import CountingSCPProcess
 
     # the destination answers each C-STORE after 1.5 s, so the node can be killed while it sends
@@ -175,7 +175,7 @@ def test_sigkill_during_inference_and_during_sending_each_result_exactly_once(ma
 
 
 @pytest.mark.slow
-def test_mixed_study_good_undecodable_and_sr_object(make_node, tmp_path, shared_data):
+def test_mixed_study_good_undecodable_and_sr_object(make_node, tmp_path):
     from tests.counting_scp import CountingSCPProcess
     from tests.test_bad_input import _corrupt_j2k
 
@@ -217,7 +217,7 @@ def test_mixed_study_good_undecodable_and_sr_object(make_node, tmp_path, shared_
 
 
 @pytest.mark.slow
-def test_dead_letter_retry_and_retention_keeps_undelivered(make_node, tmp_path, shared_data):
+def test_dead_letter_retry_and_retention_keeps_undelivered(make_node, tmp_path):
     """A destination that stays down: deliveries go dead and the study fails; `dicom-node retry` re-queues
     them once it is back. Retention removes old delivered studies, files and rows, never undelivered ones."""
     from tests.counting_scp import CountingSCPProcess

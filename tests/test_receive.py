@@ -13,7 +13,7 @@ def _by_uid(node, study_uid):
                                                                                   "--json").stdout)}
 
 
-def test_storescu_real_radiographs_arrive_byte_identical_and_study_turns_stable(node, tmp_path, shared_data):
+def test_storescu_real_radiographs_arrive_byte_identical_and_study_turns_stable(node, tmp_path):
     # MONOCHROME1 CR; uncompressed, JPEG 2000 lossless and lossy. The three encodings of each image share
     # one SOP Instance UID in pydicom-data: give each its own (pixel data untouched).
     (tmp_path / "cr").mkdir()

@@ -1,7 +1,7 @@
 """Shared helpers of the result-encoding tests (no tests in here).
 
 - real source studies: the pydicom-data CR radiographs (MONOCHROME1, JPEG 2000) and
-  DX images built from the shared FracAtlas JPEGs;
+  DX images built from the committed FracAtlas JPEGs (tests/fixtures/fracatlas);
 - result objects for them: built from each image's own pixels (the maps are the image's
   smoothed, normalised display values), with decisions across absent/suspected/definite
   and one image reported as not processed, so that every branch of the encoder is used;
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 from pydicom.uid import generate_uid
 
 from inference.pixels import display_uint8
@@ -93,8 +92,6 @@ def cr_study(tmp: Path, names=("RG1_UNCI.dcm", "RG1_J2KI.dcm", "RG1_J2KR.dcm")) 
 
 
 def dx_study(tmp: Path, n: int = 3, offset: int = 0, scale: int = 1) -> list[pydicom.Dataset]:
-    if not dicomgen.shared_available():
-        pytest.fail(f"the shared FracAtlas data are missing under {dicomgen.FRACATLAS}")
     paths = dicomgen.write_dx_study(tmp / "dx", dicomgen.fracatlas_images(n, offset=offset), scale=scale)
     return [pydicom.dcmread(p) for p in paths]
 
