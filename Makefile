@@ -1,4 +1,4 @@
-# Two entry points on a fresh machine: `make run` and `make test`.
+# Two entry points on a fresh machine: `make run` and `make test` (linters, then the tests).
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= config.yaml
 PYTEST_ARGS ?=
 
-.PHONY: run test venv bench clean check-config
+.PHONY: run test lint pytest venv bench clean check-config
 
 $(STAMP): setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -23,7 +23,14 @@ run: $(STAMP)
 check-config: $(STAMP)
 	$(BIN)/dicom-node --config $(CONFIG) check-config
 
-test: $(STAMP)
+# `make test` runs the linters first, then the suite; `make pytest` runs the suite alone.
+test: lint pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy storage dicom_node
+
+pytest: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -37,6 +37,7 @@ from tests.dicomgen import copy_with_new_uids, fracatlas_images, write_dx_study 
 from tests.nodeproc import NodeProcess, node_config  # noqa: E402
 from tests.peers import Orthanc, free_port, require  # noqa: E402
 
+
 def push_study(pacs: Orthanc, files: list[Path]) -> tuple[str, float]:
     ids = [pacs.upload(f)["ID"] for f in files]
     pacs.store_to("msknode", ids, synchronous=True)

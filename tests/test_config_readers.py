@@ -90,7 +90,7 @@ def readme_keys() -> dict[str, str]:
     """Key -> its table row, from the README's configuration tables (``a.b`` / ``c`` is ``a.b`` and ``a.c``)."""
     sections = set(Config.model_fields)
     keys: dict[str, str] = {}
-    for line in (REPO / "README.md").read_text().splitlines():
+    for line in (REPO / "docs" / "configuration.md").read_text().splitlines():
         if not line.startswith("| `"):
             continue
         first = line.split("|")[1]
