@@ -211,7 +211,7 @@ class Config(_Section):
         return peers
 
     @model_validator(mode="after")
-    def _destinations(self) -> "Config":
+    def _destinations(self) -> Config:
         names = {p.ae_title for p in self.peers}
         for where, rule in [("routing.default", self.routing.default)] + \
                 [(f"routing.rules[{i}]", r) for i, r in enumerate(self.routing.rules)]:

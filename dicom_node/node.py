@@ -87,7 +87,7 @@ class Node:
         if self.cfg.retention.max_age_days:
             self.scheduler.add_job(self.retention, "interval", minutes=self.cfg.retention.interval_minutes,
                                    id="retention", coalesce=True, max_instances=1,
-                                   next_run_time=dt.datetime.now(dt.timezone.utc))
+                                   next_run_time=dt.datetime.now(dt.UTC))
         log.info("msk-dicom-node %s started (config %s)", __version__, self.cfg.source or "<defaults>")
 
     def _relay_done(self) -> None:

@@ -11,13 +11,12 @@ result version, so that building the same results twice gives the same objects.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import logging
 
 from pydicom.dataset import Dataset
 
@@ -27,7 +26,6 @@ from dicom_node.sc import content as sc_content
 from dicom_node.sc.sop import build_sc
 from dicom_node.sr.sop import build_sr
 from inference.results import CodedConcept, ImageResult, ModelInfo
-
 
 # highdicom logs every module it copies at INFO; the node's log has no use for that chatter
 logging.getLogger("highdicom").setLevel(logging.WARNING)

@@ -16,7 +16,6 @@ from inference.results import ImageResult
 from inference.vocabulary import HEAD_NAMES
 
 
-
 @dataclass(frozen=True)
 class ImageFacts:
     calling_ae: str

@@ -81,7 +81,7 @@ class Sender:
         self._scheduler = scheduler
         scheduler.add_job(self._tick, "interval", seconds=self.policy.poll_seconds, id=JOB_ID,
                           replace_existing=True, max_instances=4, coalesce=True,
-                          next_run_time=dt.datetime.now(dt.timezone.utc))
+                          next_run_time=dt.datetime.now(dt.UTC))
         log.info("sender started: calling AE %s, polling every %.1f s", self.calling_ae, self.policy.poll_seconds)
 
     def stop(self, timeout: float | None = None) -> None:
@@ -106,7 +106,7 @@ class Sender:
         sched = self._scheduler
         if sched is not None and not self._stopping.is_set():
             try:
-                sched.modify_job(JOB_ID, next_run_time=dt.datetime.now(dt.timezone.utc))
+                sched.modify_job(JOB_ID, next_run_time=dt.datetime.now(dt.UTC))
             except Exception:
                 pass
 

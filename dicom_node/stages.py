@@ -35,7 +35,8 @@ from pydicom.filebase import DicomBytesIO
 
 from dicom_node.config import OUTPUT_KINDS, RoutingRule, RoutingSection
 from dicom_node.results_dicom import ResultObjects, build_result_objects, card_concepts, write_result_objects
-from dicom_node.routing import ImageFacts, apply_heads, destinations, route as route_rule
+from dicom_node.routing import ImageFacts, apply_heads, destinations
+from dicom_node.routing import route as route_rule
 from dicom_node.sop import STORAGE_SOP_CLASSES
 from inference.results import ImageResult, ModelInfo
 from inference.vocabulary import reads_modality

@@ -22,7 +22,7 @@ log = logging.getLogger("dicom_node.tracker")
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
-    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
 
 
 class StudyTracker:
@@ -79,7 +79,7 @@ class StudyTracker:
             self._arm(study_id, uid, later)
 
     def _sweep(self) -> None:
-        now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         for study_id, uid, deadline in self.index.receiving_deadlines():
             with self._lock:
                 armed = study_id in self._armed

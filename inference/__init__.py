@@ -13,8 +13,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from inference.results import (BinaryFinding, CategoricalFinding, CodedConcept, ImageResult, ModelInfo,
-                               OperatingPoints, Region)
+from inference.results import (
+    BinaryFinding,
+    CategoricalFinding,
+    CodedConcept,
+    ImageResult,
+    ModelInfo,
+    OperatingPoints,
+    Region,
+)
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "bundles" / "msk-foundation"
 

@@ -41,7 +41,7 @@ TUMOUR_SLOT = {
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def base_metadata(cfg: ViTConfig, name: str = "msk-foundation", version: str = "0.1.0") -> dict:
@@ -333,8 +333,14 @@ class Model:
 
     @torch.no_grad()
     def _predict_batch(self, x, geos, ids, want, maps, body_parts):
-        from inference.anomaly import (coverage, grid_to_canvas, normalise, reconstruction_error, regions_from_map,
-                                       smooth_grid)
+        from inference.anomaly import (
+            coverage,
+            grid_to_canvas,
+            normalise,
+            reconstruction_error,
+            regions_from_map,
+            smooth_grid,
+        )
         from inference.heads import probabilities
         from inference.results import BinaryFinding, CategoricalFinding, ImageResult
 

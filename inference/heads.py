@@ -93,7 +93,7 @@ class BranchHead(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = AttnHead(dim, n_out, hidden, dropout, pool_heads)
 
-    def init_from(self, encoder: nn.Module) -> "BranchHead":
+    def init_from(self, encoder: nn.Module) -> BranchHead:
         """Start from the encoder's own last blocks and final norm."""
         for mine, theirs in zip(self.blocks, list(encoder.blocks)[-len(self.blocks):]):
             mine.load_state_dict(theirs.state_dict())

@@ -35,7 +35,7 @@ class Geometry:
     width: int  # columns the image covers on the canvas
 
     @classmethod
-    def for_image(cls, rows: int, columns: int, size: int) -> "Geometry":
+    def for_image(cls, rows: int, columns: int, size: int) -> Geometry:
         if rows < 1 or columns < 1:
             raise ValueError(f"empty image {rows}x{columns}")
         scale = size / max(rows, columns)

@@ -182,7 +182,7 @@ class ImageResult:
     fracture_regions: tuple[Region, ...] = ()
 
     @classmethod
-    def not_processed(cls, image_id: str, reason: str, rows: int = 0, columns: int = 0) -> "ImageResult":
+    def not_processed(cls, image_id: str, reason: str, rows: int = 0, columns: int = 0) -> ImageResult:
         # one line: decoders' messages span several, and reports and captures show it in one
         return cls(image_id=image_id, rows=rows, columns=columns, processed=False, reason=" ".join(reason.split()))
 

@@ -42,7 +42,7 @@ class ViTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ViTConfig":
+    def from_dict(cls, d: dict) -> ViTConfig:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         cfg = cls(**known)
         if cfg.image_size % cfg.patch_size:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 
-from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint)
+from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -28,12 +28,12 @@ class StudyState(str, enum.Enum):
 
 def utcnow() -> dt.datetime:
     """Now, as the index stores times: naive UTC."""
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def iso_utc(value: dt.datetime | None) -> str | None:
     """A stored (naive UTC) time as ISO 8601 with its offset, to the second; None stays None."""
-    return value.replace(tzinfo=dt.timezone.utc).isoformat(timespec="seconds") if value else None
+    return value.replace(tzinfo=dt.UTC).isoformat(timespec="seconds") if value else None
 
 
 class Base(DeclarativeBase):
@@ -51,7 +51,7 @@ class Patient(Base):
     PatientBirthDate: Mapped[str] = mapped_column(String(8), default="")
     PatientSex: Mapped[str] = mapped_column(String(16), default="")
 
-    studies: Mapped[list["Study"]] = relationship(back_populates="patient")
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
 
 
 class Study(Base):
@@ -90,8 +90,8 @@ class Study(Base):
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
-    series: Mapped[list["Series"]] = relationship(back_populates="study", cascade="all, delete-orphan")
-    instances: Mapped[list["Instance"]] = relationship(back_populates="study", cascade="all, delete-orphan",
+    series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
+    instances: Mapped[list[Instance]] = relationship(back_populates="study", cascade="all, delete-orphan",
                                                        overlaps="series,instances")
 
 
@@ -107,7 +107,7 @@ class Series(Base):
     BodyPartExamined: Mapped[str] = mapped_column(String(64), default="")
 
     study: Mapped[Study] = relationship(back_populates="series")
-    instances: Mapped[list["Instance"]] = relationship(back_populates="series", overlaps="instances,study")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", overlaps="instances,study")
 
 
 class Instance(Base):

@@ -73,7 +73,7 @@ class CountingSCP:
         os.replace(tmp, self.out)
 
     # -- server --------------------------------------------------------------
-    def start(self) -> "CountingSCP":
+    def start(self) -> CountingSCP:
         ae = AE(self.aet)
         ae.require_called_aet = True
         ae.maximum_pdu_size = 0
@@ -95,7 +95,7 @@ class CountingSCP:
             self.server.shutdown()
             self.server = None
 
-    def __enter__(self) -> "CountingSCP":
+    def __enter__(self) -> CountingSCP:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -187,7 +187,7 @@ class CountingSCPProcess:
                     ([] if find else ["--no-find"]) + (["--syntaxes", ",".join(syntaxes)] if syntaxes else [])
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "CountingSCPProcess":
+    def start(self) -> CountingSCPProcess:
         from tests.peers import wait_for_port
 
         log = open(self.out.with_suffix(".log"), "ab")
@@ -201,7 +201,7 @@ class CountingSCPProcess:
         stop_process(self.proc)
         self.proc = None
 
-    def __enter__(self) -> "CountingSCPProcess":
+    def __enter__(self) -> CountingSCPProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -16,8 +16,12 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID,
-                         generate_uid)
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 
 #: The committed FracAtlas fixture set: ``images/``, ``labels.csv``, ``boxes.csv``.
 FRACATLAS = Path(__file__).resolve().parent / "fixtures" / "fracatlas"

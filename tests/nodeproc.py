@@ -50,7 +50,7 @@ class NodeProcess:
     def storage(self) -> Path:
         return Path(self.cfg["storage"]["path"])
 
-    def start(self, timeout: float = 60.0) -> "NodeProcess":
+    def start(self, timeout: float = 60.0) -> NodeProcess:
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "--config", str(self.config_path),
@@ -92,7 +92,7 @@ class NodeProcess:
     def wait_for(self, predicate, timeout: float = 60.0, interval: float = 0.25, what: str = "condition"):
         return wait_until(predicate, timeout, what, interval, context=lambda: "\n" + self.log()[-3000:])
 
-    def __enter__(self) -> "NodeProcess":
+    def __enter__(self) -> NodeProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -120,7 +120,7 @@ class Orthanc:
         path.write_text(json.dumps(cfg, indent=2))
         return path
 
-    def start(self) -> "Orthanc":
+    def start(self) -> Orthanc:
         exe = require("Orthanc")
         cfg = self.write_config()
         log = open(self.workdir / "orthanc.log", "ab")
@@ -141,7 +141,7 @@ class Orthanc:
         stop_process(self.proc)
         self.proc = None
 
-    def __enter__(self) -> "Orthanc":
+    def __enter__(self) -> Orthanc:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -257,7 +257,7 @@ class Storescp:
                      "+xa", *(extra or []), str(self.port)]
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Storescp":
+    def start(self) -> Storescp:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_for_port(self.port, proc=self.proc)
@@ -270,7 +270,7 @@ class Storescp:
     def files(self) -> list[Path]:
         return sorted(p for p in self.out_dir.iterdir() if p.is_file())
 
-    def __enter__(self) -> "Storescp":
+    def __enter__(self) -> Storescp:
         return self.start()
 
     def __exit__(self, *exc) -> None:

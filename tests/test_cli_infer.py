@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 import pydicom
+import yaml
 from PIL import Image
 from pydicom.data import get_testdata_file
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from pydicom.data import get_testdata_file
 
-from inference.errors import BundleError
 from inference import DEFAULT_BUNDLE, load_bundle
+from inference.errors import BundleError
 from inference.pixels import display_uint8
 from inference.results import BinaryFinding, CategoricalFinding, ImageResult
 

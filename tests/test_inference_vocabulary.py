@@ -7,8 +7,8 @@ import json
 from dicom_node.sr import enum
 from inference import DEFAULT_BUNDLE
 from inference import vocabulary as V
-from inference.training.heads_fit import HEAD_DEFAULTS
 from inference.training.adapt import ADAPT_HEADS
+from inference.training.heads_fit import HEAD_DEFAULTS
 
 
 def _card() -> dict:

@@ -12,8 +12,15 @@ from dicom_node.results_dicom import build_result_objects, write_result_objects
 from dicom_node.sc import content as scc
 from dicom_node.sc import enum
 from inference.pixels import display_uint8
-from tests.test_results_support import (MODEL, cr_study, dx_study, make_results, strict_pydicom, validate,
-                                        written_results)
+from tests.test_results_support import (
+    MODEL,
+    cr_study,
+    dx_study,
+    make_results,
+    strict_pydicom,
+    validate,
+    written_results,
+)
 
 
 @pytest.fixture(scope="module")

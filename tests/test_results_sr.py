@@ -12,8 +12,15 @@ from dicom_node.results_dicom import build_result_objects, predecessor_reference
 from dicom_node.sr import enum
 from dicom_node.sr.sop import read_sr
 from inference.results import CodedConcept, ImageResult, ModelInfo
-from tests.test_results_support import (MODEL, cr_study, dx_study, make_results, strict_pydicom, validate,
-                                        written_results)
+from tests.test_results_support import (
+    MODEL,
+    cr_study,
+    dx_study,
+    make_results,
+    strict_pydicom,
+    validate,
+    written_results,
+)
 
 
 @pytest.fixture(scope="module")

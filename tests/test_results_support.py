@@ -19,8 +19,15 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from inference.pixels import display_uint8
-from inference.results import (BinaryFinding, CategoricalFinding, CodedConcept, ImageResult, ModelInfo,
-                               OperatingPoints, Region)
+from inference.results import (
+    BinaryFinding,
+    CategoricalFinding,
+    CodedConcept,
+    ImageResult,
+    ModelInfo,
+    OperatingPoints,
+    Region,
+)
 from tests import dicomgen, peers
 
 MODEL = ModelInfo(name="msk-test-encoder", version="0.0.1", weights_sha256="0f" * 32,

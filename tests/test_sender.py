@@ -22,7 +22,7 @@ import pytest
 import yaml
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select, update
 
 from dicom_node.config import parse_config

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from inference.results import BinaryFinding, CategoricalFinding, ImageResult, Mo
 
 
 # -- fonts and colours ------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
+@cache
 def _font_dir() -> Path | None:
     try:
         import matplotlib

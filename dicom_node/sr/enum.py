@@ -16,8 +16,12 @@ from __future__ import annotations
 from pydicom.sr.coding import Code
 
 from inference import vocabulary as V
-from inference.vocabulary import (PRIVATE_SCHEME, PRIVATE_SCHEME_NAME, PRIVATE_SCHEME_ORGANIZATION,  # noqa: F401
-                                  PRIVATE_SCHEME_VERSION)
+from inference.vocabulary import (  # noqa: F401
+    PRIVATE_SCHEME,
+    PRIVATE_SCHEME_NAME,
+    PRIVATE_SCHEME_ORGANIZATION,
+    PRIVATE_SCHEME_VERSION,
+)
 
 
 def code(concept: V.Concept) -> Code:

@@ -21,8 +21,7 @@ from inference.training.runtime import DeviceImages, autocast, to_input
 from inference.training.splits import clean_dev_split, dev_split
 from inference.training.targets import head_loss, head_targets, patch_targets
 from inference.training.tokens import Embedded, geometry_augmented_tokens, predict_tokens
-from inference.vocabulary import (ANATOMY_LABELS, BINARY_LABELS, FINDING_CONCEPTS, KL_GRADES, VIEW_LABELS,
-                                  label_concepts)
+from inference.vocabulary import ANATOMY_LABELS, BINARY_LABELS, FINDING_CONCEPTS, KL_GRADES, VIEW_LABELS, label_concepts
 
 log = logging.getLogger(__name__)
 

@@ -90,7 +90,7 @@ def records_key(records) -> str:
     return hashlib.sha256("\n".join(r.path for r in records).encode()).hexdigest()[:12]
 
 
-def geometry_augmented_tokens(emb: "Embedded", idx: np.ndarray, seed: int) -> torch.Tensor:
+def geometry_augmented_tokens(emb: Embedded, idx: np.ndarray, seed: int) -> torch.Tensor:
     """Tokens of random re-framings of the images ``idx``: a crop of random aspect ratio (0.6-1.67) and
     area (60-100 % of the largest such crop), letterboxed again.
 
