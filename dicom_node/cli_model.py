@@ -145,7 +145,7 @@ def cmd_fit_heads(args) -> int:
             raise SystemExit(f"head {name!r} is {HEAD_DEFAULTS[name][0]}, the CSV has {len(classes)} classes")
     elif args.data:
         records = D.read_layout(args.data)
-        kind = labels = None
+        kind, labels = None, None
     else:
         raise SystemExit("give --data DIR (msk-xray layout) or --labels CSV")
     arch = _key_values(args.arch, "--arch", _json_or_text, "KEY=VALUE")
@@ -270,7 +270,8 @@ def register_more(sub, msub) -> None:
     _dev_split_option(p, None)
     p.set_defaults(func=cmd_fit_heads)
 
-    p = msub.add_parser("calibrate", help="Platt-scale binary heads on their development split; thresholds again on val")
+    p = msub.add_parser("calibrate",
+                        help="Platt-scale binary heads on their development split; thresholds again on val")
     p.add_argument("--bundle", required=True)
     p.add_argument("--data", required=True, help="data directory (msk-xray layout) the heads were fitted on")
     p.add_argument("--head", action="append", required=True, help="binary head (repeatable)")

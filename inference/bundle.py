@@ -208,7 +208,8 @@ class Model:
         if an.get("file"):
             t = load_file(str(self.root / an["file"]))
             if "mean" not in t or "std" not in t or t["mean"].numel() != self.cfg.num_patches:
-                raise BundleError(f"{self.root}: {an['file']} needs 'mean' and 'std' over {self.cfg.num_patches} patches")
+                raise BundleError(f"{self.root}: {an['file']} needs 'mean' and 'std' "
+                                  f"over {self.cfg.num_patches} patches")
             self.anomaly_mean, self.anomaly_std = t["mean"].numpy(), t["std"].numpy()
         self.batch_size = 16
 
@@ -326,7 +327,8 @@ class Model:
             for i in chunk:
                 if i in failed:
                     shape = np.asarray(images[i]).shape
-                    out.append(ImageResult.not_processed(ids[i], failed[i], *(shape[:2] if len(shape) >= 2 else (0, 0))))
+                    rows_cols = shape[:2] if len(shape) >= 2 else (0, 0)
+                    out.append(ImageResult.not_processed(ids[i], failed[i], *rows_cols))
                 else:
                     out.append(batch_results[i])
         return out

@@ -79,7 +79,8 @@ def test_infer_heatmap_shows_the_image(tmp_path):
     png = np.asarray(Image.open(next(out.glob("*[0-9a-f].png"))).convert("L"), dtype=float)
     # the overlay is the radiograph underneath: bright tibia in the middle, dark air beside it
     h, w = png.shape
-    assert png[h // 4:h // 2, int(w * 0.45):int(w * 0.55)].mean() > png[h // 4:h // 2, int(w * 0.3):int(w * 0.34)].mean()
+    rows = slice(h // 4, h // 2)
+    assert png[rows, int(w * 0.45):int(w * 0.55)].mean() > png[rows, int(w * 0.3):int(w * 0.34)].mean()
 
 
 def test_missing_input_is_an_error(tmp_path):

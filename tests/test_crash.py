@@ -22,8 +22,8 @@ def test_sigkill_mid_stream_loses_no_acknowledged_instance(make_node, tmp_path):
                                 patient_id=f"CRASH{i}")
     # a stable study before the crash must stay stable after it
     stable_first = write_dx_study(tmp_path / "before", fracatlas_images(2, offset=100))
-    assert subprocess.run([require("storescu"), "-aec", "MSKNODE", "127.0.0.1", str(node.port), *map(str, stable_first)],
-                          capture_output=True).returncode == 0
+    storescu = [require("storescu"), "-aec", "MSKNODE", "127.0.0.1", str(node.port)]
+    assert subprocess.run([*storescu, *map(str, stable_first)], capture_output=True).returncode == 0
     node.wait_for(lambda: any(s["state"] == "stable" for s in node.studies()), timeout=30, what="first study stable")
 
     proc = subprocess.Popen([require("storescu"), "-v", "-nh", "-aec", "MSKNODE", "127.0.0.1", str(node.port),

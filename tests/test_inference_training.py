@@ -82,7 +82,8 @@ def test_pack_pretrain_adapt_fit_heads_infer(tmp_path):
     assert again["calibration"]["scale_total"] == pytest.approx(again["calibration"]["scale"] * cal["scale"], rel=1e-3)
     assert again["calibration"]["dev_split"] == "patient" and again["calibration"]["calibrated"]
     assert 0 <= again["operating_points"]["suspected"] <= again["operating_points"]["definite"] <= 1
-    assert load_bundle(ad, "cpu").card.heads["fracture"].operating_points.definite == again["operating_points"]["definite"]
+    definite = load_bundle(ad, "cpu").card.heads["fracture"].operating_points.definite
+    assert definite == again["operating_points"]["definite"]
     with pytest.raises(SystemExit, match="binary heads"):
         main(["model", "calibrate", "--bundle", str(ad), "--data", str(data), "--head", "kl_grade",
               "--cache-dir", str(tmp_path), "--threads", "2"])

@@ -1,4 +1,5 @@
-"""The study state machine (storage.states) and the storage API that moves studies through it, on a real SQLite index."""
+"""The study state machine (storage.states) and the storage API that moves studies through it,
+on a real SQLite index."""
 
 from __future__ import annotations
 
@@ -130,7 +131,8 @@ def test_guarded_update_moves_only_studies_in_the_named_states(index):
 
 
 def test_no_state_write_in_storage_bypasses_the_owner():
-    """Outside storage/states.py no code assigns ``.state`` or passes ``state=`` to ``update(Study)`` / ``Study(...)``."""
+    """Outside storage/states.py no code assigns ``.state`` or passes ``state=`` to ``update(Study)`` or
+    ``Study(...)``."""
     offenders = []
     for path in sorted((REPO / "storage").glob("*.py")):
         if path.name == "states.py":

@@ -111,8 +111,9 @@ def adapt(init: str, data_dir: str, out: str, *, epochs: int = 3, batch_size: in
                         continue
                     ho = head(tokens[sel])
                     yy = torch.from_numpy(y[idx]).to(device)[sel]
-                    loss = loss + weights[name] * head_loss(kind, ho, yy, (1 - frac_pos) / frac_pos if name == "fracture"
-                                                        else None, float(HEAD_DEFAULTS[name][2].get("ordinal_weight", 0.25)))
+                    pos_weight = (1 - frac_pos) / frac_pos if name == "fracture" else None
+                    ordinal_weight = float(HEAD_DEFAULTS[name][2].get("ordinal_weight", 0.25))
+                    loss = loss + weights[name] * head_loss(kind, ho, yy, pos_weight, ordinal_weight)
                     if name == "fracture":
                         pk_np = pok[idx][ok[idx]]
                         if pk_np.any():
@@ -134,8 +135,8 @@ def adapt(init: str, data_dir: str, out: str, *, epochs: int = 3, batch_size: in
             loss_sum += loss.detach().float()
             step += 1
             if s % 50 == 0:
-                log.info("adapt epoch %d step %d/%d loss %.4f (%.0f s)", epoch, s, steps_per_epoch, float(loss.detach()),
-                         time.time() - t0)
+                log.info("adapt epoch %d step %d/%d loss %.4f (%.0f s)", epoch, s, steps_per_epoch,
+                         float(loss.detach()), time.time() - t0)
         dev = _adapt_dev_scores(mae, heads, images, dev_idx, targets, device)
         history.append({"epoch": epoch, "loss": round(float(loss_sum) / steps_per_epoch, 5),
                         "dev": {k: round(v, 4) for k, v in dev.items()}, "seconds": round(time.time() - t0, 1)})

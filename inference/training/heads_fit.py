@@ -136,7 +136,8 @@ def train_head(name: str, kind: str, labels: list[str], arch: dict, tokens: torc
                     pt = torch.from_numpy(patch_y[idx.numpy()]).to(device)[ok]
                     pl = out["patch_logits"][ok]
                     w = torch.where(pt > 0, 8.0, 1.0)
-                    loss = loss + patch_weight * (F.binary_cross_entropy_with_logits(pl, pt, reduction="none") * w).mean()
+                    patch_loss = F.binary_cross_entropy_with_logits(pl, pt, reduction="none") * w
+                    loss = loss + patch_weight * patch_loss.mean()
             factor = 0.5 * (1 + math.cos(math.pi * step / total))
             for g, b0 in zip(opt.param_groups, base_lr):
                 g["lr"] = b0 * factor
@@ -238,7 +239,8 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
         from inference.heads import EnsembleHead
 
         head = EnsembleHead([h for h, _ in fits]).eval()
-        info = {"best_epoch": [i["best_epoch"] for _, i in fits], "member_dev_scores": [i["dev_score"] for _, i in fits],
+        info = {"best_epoch": [i["best_epoch"] for _, i in fits],
+                "member_dev_scores": [i["dev_score"] for _, i in fits],
                 "history": [i["history"] for _, i in fits], "dev_score": float("nan")}
         if dev is not None:
             info["dev_score"] = selection_score(head, kind, tokens[dev], ys(dev), dev_boxes)
@@ -334,7 +336,8 @@ def fit_anomaly(emb: Embedded, bundle: str | Path, groups: int = 4, passes: tupl
     save_tensors(bundle, ANOMALY_FILE, {"mean": torch.tensor(mean, dtype=torch.float32),
                                         "std": torch.tensor(std, dtype=torch.float32)}, meta)
     meta["msk_node"]["anomaly"] = {
-        "file": ANOMALY_FILE, "groups": groups, "passes": list(passes) if passes else None, "statistic": "per-position mean/std of patch MSE on normal images",
+        "file": ANOMALY_FILE, "groups": groups, "passes": list(passes) if passes else None,
+        "statistic": "per-position mean/std of patch MSE on normal images",
         "normal_images": int(len(normal)), "z_max": 6.0, "region_threshold": 0.5, "smooth_patches": 0.6,
         "min_coverage": 0.5, "erode_patches": 1,
         "display": "map = clip(z / z_max, 0, 1); regions: connected components of map >= region_threshold",

@@ -51,7 +51,8 @@ def pack_layout(src: str | Path, dst: str | Path, long_side: int = 384, quality:
                 stats["bytes"] += nbytes
         if (fa / "boxes.csv").exists():
             keep = {r["image_id"] for r in rows}
-            with open(fa / "boxes.csv", newline="") as f_in, open(dst / "fracatlas" / "boxes.csv", "w", newline="") as f_out:
+            with open(fa / "boxes.csv", newline="") as f_in, \
+                    open(dst / "fracatlas" / "boxes.csv", "w", newline="") as f_out:
                 rd = csv.DictReader(f_in)
                 w = csv.DictWriter(f_out, rd.fieldnames)
                 w.writeheader()

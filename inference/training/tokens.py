@@ -30,7 +30,8 @@ def extract_tokens(mae: MAE, canvases: np.ndarray, means: np.ndarray, stds: np.n
     t0 = time.time()
     for s in range(0, len(canvases), batch_size):
         c = canvases[s:s + batch_size]
-        x = to_input(np.ascontiguousarray(c[:, :, ::-1]) if flip else c, means[s:s + batch_size], stds[s:s + batch_size])
+        c = np.ascontiguousarray(c[:, :, ::-1]) if flip else c
+        x = to_input(c, means[s:s + batch_size], stds[s:s + batch_size])
         with autocast(device):
             final, taps = mae.encoder.forward_taps(x.to(device), taps=() if layer is None else (layer,))
             out.append((final if layer is None else taps[layer]).to(torch.float16).cpu())
@@ -50,8 +51,8 @@ class Embedded:
         self.device = device
         self.records = records
         cache_dir = Path(cache_dir) if cache_dir else Path("/tmp")
-        self.canvases, self.geos = D.build_cache(records, self.cfg.image_size,
-                                                 cache_dir / f"msk-cache-{self.cfg.image_size}-{records_key(records)}.npz")
+        cache = cache_dir / f"msk-cache-{self.cfg.image_size}-{records_key(records)}.npz"
+        self.canvases, self.geos = D.build_cache(records, self.cfg.image_size, cache)
         self.means, self.stds = canvas_stats(self.canvases, self.geos)
         enc_sha = self.card.weights[self.card.architecture["file"]][:16]
         self._tok_path = cache_dir / f"msk-tokens-{enc_sha}-{records_key(records)}.pt"
@@ -129,7 +130,8 @@ def head_outputs(head, tokens: torch.Tensor, batch_size: int):
 
 
 @torch.no_grad()
-def predict_tokens(head, kind: str, tokens: torch.Tensor, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray | None]:
+def predict_tokens(head, kind: str, tokens: torch.Tensor,
+                   batch_size: int = 512) -> tuple[np.ndarray, np.ndarray | None]:
     from inference.heads import probabilities
 
     ps, pm = [], []
