@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -28,6 +29,10 @@ from dicom_node.errors import EXPECTED_ERRORS, DatasetMismatch, InvalidDataset, 
 from dicom_node.sop import NATIVE_SYNTAXES, STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from storage.files import InstanceStore
 from storage.index import Index, InstanceMeta
+
+if TYPE_CHECKING:
+    from pynetdicom.events import EventHandlerType
+    from pynetdicom.transport import ThreadedAssociationServer
 
 log = logging.getLogger("dicom_node.listener")
 
@@ -146,7 +151,8 @@ def _resolve(host: str) -> set[str]:
     except socket.gaierror:
         log.warning("peer host %s does not resolve; that peer cannot connect", host)
         return set()
-    return {_normalise(i[4][0]) for i in infos}  # type: ignore[misc]
+    # AF_INET/AF_INET6 results: the address is a non-empty str, so _normalise gives a str
+    return {cast(str, _normalise(cast(str, i[4][0]))) for i in infos}
 
 
 class Listener:
@@ -160,7 +166,7 @@ class Listener:
         self.quiet = cfg.study.quiet_seconds
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
-        self.server = None
+        self.server: ThreadedAssociationServer | None = None
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -180,7 +186,7 @@ class Listener:
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
-        handlers = [
+        handlers: list[EventHandlerType] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING, Any, cast
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -22,6 +23,11 @@ from storage.files import InstanceStore
 from storage.index import Index
 from storage.jobs import Jobs
 from storage.models import utcnow
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    from dicom_node.pipeline import WorkerPool
 
 log = logging.getLogger("dicom_node")
 
@@ -54,8 +60,8 @@ class Node:
         self.tracker = StudyTracker(self.index, self.scheduler,
                                     sweep_seconds=max(5.0, min(60.0, cfg.study.quiet_seconds * 3)))
         self.listener = Listener(cfg, self.store, self.index, on_recorded=self.tracker.instance_recorded)
-        self.pool = None
-        self.sender = None
+        self.pool: WorkerPool | None = None
+        self.sender: Sender | None = None
         self._stop = threading.Event()
 
     def start(self) -> None:
@@ -93,10 +99,12 @@ class Node:
     def _relay_done(self) -> None:
         from multiprocessing.connection import wait
 
+        assert self.pool is not None and self.sender is not None  # set by start() before this thread starts
         while not self._stop.is_set() and not self.pool.stopping:
             readers = self.pool.done_readers()
             try:
-                ready = wait(readers, timeout=1.0) if readers else []
+                # the readers are the pool's Connections: wait() gives back some of them
+                ready = cast("list[Connection[Any, Any]]", wait(readers, timeout=1.0)) if readers else []
             except (OSError, ValueError):  # a pipe closed under us: a worker was replaced
                 continue
             woke = False
@@ -112,7 +120,10 @@ class Node:
 
     def retention(self) -> int:
         """Remove studies older than retention.max_age_days whose results were all delivered."""
-        cutoff = utcnow() - dt.timedelta(days=self.cfg.retention.max_age_days)
+        max_age_days = self.cfg.retention.max_age_days
+        if max_age_days is None:  # only scheduled when it is set; timedelta(days=None) raised TypeError too
+            raise TypeError("retention.max_age_days is not set")
+        cutoff = utcnow() - dt.timedelta(days=max_age_days)
         removed = 0
         for study_id, uid in self.jobs.expired_studies(cutoff):
             if self.jobs.delete_study(study_id):  # rows first: a crash leaves files, never dangling rows

@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import time
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 
@@ -33,6 +34,10 @@ from dicom_node.errors import EXPECTED_ERRORS, EncodingError, InvalidDataset
 from storage.files import InstanceStore
 from storage.index import Index
 from storage.jobs import ClaimedStudy, Jobs, NewResult
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
 
 log = logging.getLogger("dicom_node.pipeline")
 
@@ -211,9 +216,9 @@ class WorkerPool:
         self.jobs = jobs
         self.ctx = multiprocessing.get_context("spawn")
         self.stopping = False
-        self.procs: dict[int, multiprocessing.Process] = {}
-        self._control: dict[int, object] = {}  # write ends, non-blocking
-        self._done: dict[int, object] = {}  # read ends
+        self.procs: dict[int, BaseProcess] = {}
+        self._control: dict[int, Connection[Any, Any]] = {}  # write ends, non-blocking
+        self._done: dict[int, Connection[Any, Any]] = {}  # read ends
         self._failures: dict[int, int] = {}  # consecutive early exits per worker
         self._not_before: dict[int, float] = {}
         self._started: dict[int, float] = {}

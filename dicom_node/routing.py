@@ -10,6 +10,7 @@ image's value (case-insensitive), an absent list matches anything.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from dicom_node.config import OUTPUT_KINDS, RoutingRule, RoutingSection
 from inference.results import ImageResult
@@ -51,7 +52,8 @@ def apply_heads(rule: RoutingRule, result: ImageResult) -> ImageResult:
     if rule.heads == "all" or not result.processed:
         return result
     keep = set(rule.heads)
-    drop = {f: None for f in HEAD_NAMES if f not in keep}  # a head's finding: the ImageResult field of its name
+    # a head's finding: the ImageResult field of its name
+    drop: dict[str, Any] = {f: None for f in HEAD_NAMES if f not in keep}
     if "fracture" not in keep:
         drop["fracture_map"] = None
         drop["fracture_regions"] = ()

@@ -180,6 +180,7 @@ class Sender:
             log.error("study %s to %s: 0 sent, %d failed: %s (dead letter)", batch.StudyInstanceUID, dest,
                       len(batch), problem)
             return 0, True
+        assert peer is not None and peer.host is not None and peer.port is not None  # _peer checked them
 
         # files that cannot be read fail on their own; the rest go out
         datasets: dict[int, Dataset] = {}
@@ -339,6 +340,7 @@ class Sender:
             self.queue.mark_failed(ids, problem, None, self.policy, permanent=True)
             log.error("%d in-flight delivery(ies) to %s: %s (dead letter)", len(items), dest, problem)
             return 0
+        assert peer is not None and peer.host is not None and peer.port is not None  # _peer checked them
         ae = self._ae()
         assoc = ae.associate(peer.host, peer.port, ae_title=dest,
                              contexts=[build_context(StudyRootQueryRetrieveInformationModelFind,

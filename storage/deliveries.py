@@ -38,8 +38,9 @@ import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import CursorResult, Select, func, select, update
 
 from storage import states
 from storage.index import Index
@@ -189,8 +190,8 @@ class DeliveryQueue:
         moved = []
         with self.db.write() as s:
             for i in ids:
-                res = s.execute(update(Delivery).where(Delivery.id == i, Delivery.state == PENDING)
-                                .values(state=SENDING))
+                res = cast(CursorResult, s.execute(update(Delivery).where(Delivery.id == i, Delivery.state == PENDING)
+                                                   .values(state=SENDING)))
                 if res.rowcount:
                     moved.append(i)
         return moved
@@ -225,7 +226,7 @@ class DeliveryQueue:
         if policy is None and not permanent:
             raise ValueError("mark_failed needs the retry policy (SendingSection) unless permanent")
         now = now or utcnow()
-        error = _clip_error(error)
+        clipped = _clip_error(error)
         out: dict[int, str] = {}
         with self.db.write() as s:
             rows = s.execute(select(Delivery.id, Delivery.attempts, Delivery.study_id, ResultObject.superseded)
@@ -233,7 +234,7 @@ class DeliveryQueue:
                              .where(Delivery.id.in_(list(ids)), Delivery.state.in_((PENDING, SENDING)))).all()
             for did, attempts, _study, superseded in rows:
                 attempts = (attempts or 0) + 1
-                values: dict = dict(attempts=attempts, last_error=error, last_status=status)
+                values: dict = dict(attempts=attempts, last_error=clipped, last_status=status)
                 if superseded:
                     values["state"] = CANCELLED
                 elif permanent or attempts >= policy.max_attempts:
@@ -260,8 +261,8 @@ class DeliveryQueue:
                 values: dict = dict(state=CANCELLED if superseded else PENDING, next_attempt_at=now)
                 if note:
                     values["last_error"] = _clip_error(note)
-                n += s.execute(update(Delivery).where(Delivery.id == did, Delivery.state == SENDING)
-                               .values(**values)).rowcount
+                n += cast(CursorResult, s.execute(update(Delivery).where(Delivery.id == did, Delivery.state == SENDING)
+                                                  .values(**values))).rowcount
             self._refresh_studies(s, {r[1] for r in rows}, now)
         return n
 
@@ -279,8 +280,8 @@ class DeliveryQueue:
         with self.db.write() as s:
             rows = s.execute(q).all()
             for did, _study in rows:
-                n += s.execute(update(Delivery).where(Delivery.id == did, Delivery.state == DEAD)
-                               .values(state=PENDING, attempts=0, next_attempt_at=now)).rowcount
+                n += cast(CursorResult, s.execute(update(Delivery).where(Delivery.id == did, Delivery.state == DEAD)
+                                                  .values(state=PENDING, attempts=0, next_attempt_at=now))).rowcount
             self._refresh_studies(s, {r[1] for r in rows}, now)
         return n
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import func, select
+from sqlalchemy import CursorResult, func, select
 from sqlalchemy.orm import Session
 
 from storage import migrate, states
@@ -178,9 +179,9 @@ class Index:
         """
         now = now or utcnow()
         with self.db.write() as s:
-            res = s.execute(states.guarded_update(states.STABLE, [states.RECEIVING],
-                                                  Study.id == study_id, Study.stable_deadline <= now,
-                                                  now=now, stable_at=now, stable_deadline=None))
+            res = cast(CursorResult, s.execute(states.guarded_update(states.STABLE, [states.RECEIVING],
+                                                                     Study.id == study_id, Study.stable_deadline <= now,
+                                                                     now=now, stable_at=now, stable_deadline=None)))
             if res.rowcount:
                 return True, None
             deadline = s.scalar(select(Study.stable_deadline)

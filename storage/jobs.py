@@ -14,8 +14,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass, field
+from typing import cast
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import CursorResult, delete, or_, select, update
 
 from storage import states
 from storage.deliveries import undelivered
@@ -79,13 +80,14 @@ class Jobs:
                 .order_by(Study.stable_at, Study.id).limit(5)).all()
         for study_id in candidates:
             with self.db.write() as s:
-                res = s.execute(states.guarded_update(
+                res = cast(CursorResult, s.execute(states.guarded_update(
                     states.INFERRING, {states.STABLE: None, states.INFERRING: Study.claimed_at < lapsed},
                     Study.id == study_id, now=now, claimed_by=worker, claimed_at=now,
-                    inference_attempts=Study.inference_attempts + 1))
+                    inference_attempts=Study.inference_attempts + 1)))
                 if res.rowcount != 1:
                     continue  # another worker was faster
                 study = s.get(Study, study_id)
+                assert study is not None  # just claimed in this transaction
                 instances = [_row(i) for i in s.scalars(select(Instance).where(Instance.study_id == study_id)
                                                          .order_by(Instance.InstanceNumber, Instance.id))]
                 prev = None
@@ -101,17 +103,18 @@ class Jobs:
     def heartbeat(self, claim: ClaimedStudy) -> bool:
         """Renew the lease; False when the claim was lost (taken back, or the study changed)."""
         with self.db.write() as s:
-            res = s.execute(update(Study).where(Study.id == claim.id, Study.claimed_by == claim.worker,
-                                                Study.state == StudyState.INFERRING.value)
-                            .values(claimed_at=utcnow()))
+            res = cast(CursorResult, s.execute(update(Study).where(Study.id == claim.id,
+                                                                   Study.claimed_by == claim.worker,
+                                                                   Study.state == StudyState.INFERRING.value)
+                                               .values(claimed_at=utcnow())))
             return res.rowcount == 1
 
     def release_claims(self, worker_prefix: str | None = None) -> int:
         """Give back studies left ``inferring`` (after a crash of this node's workers)."""
         mine = () if worker_prefix is None else (Study.claimed_by.like(f"{worker_prefix}%"),)
         with self.db.write() as s:
-            res = s.execute(states.guarded_update(states.STABLE, [states.INFERRING], *mine, now=utcnow(),
-                                                  claimed_by=None, claimed_at=None))
+            res = cast(CursorResult, s.execute(states.guarded_update(states.STABLE, [states.INFERRING], *mine,
+                                                                     now=utcnow(), claimed_by=None, claimed_at=None)))
             return res.rowcount
 
     @staticmethod
@@ -128,9 +131,9 @@ class Jobs:
         now = utcnow()
         with self.db.write() as s:
             state = states.RESULTS_READY if any(r.destinations for r in results) else states.SENT
-            res = s.execute(states.guarded_update(state, [states.INFERRING], *self._still_mine(claim), now=now,
-                                                  result_version=result_version, updated=False, claimed_by=None,
-                                                  claimed_at=None, last_error=None, inference_attempts=0))
+            res = cast(CursorResult, s.execute(states.guarded_update(
+                state, [states.INFERRING], *self._still_mine(claim), now=now, result_version=result_version,
+                updated=False, claimed_by=None, claimed_at=None, last_error=None, inference_attempts=0)))
             if res.rowcount != 1:
                 return False
             # older versions: superseded; what was not yet sent of them is not sent any more
@@ -162,9 +165,9 @@ class Jobs:
     def skip(self, claim: ClaimedStudy, reason: str) -> bool:
         """Nothing to infer on (``reason`` says why): ``inferring`` -> ``skipped``; False when the claim was lost."""
         with self.db.write() as s:
-            res = s.execute(states.guarded_update(states.SKIPPED, [states.INFERRING], *self._still_mine(claim),
-                                                  now=utcnow(), reason=reason, updated=False, claimed_by=None,
-                                                  claimed_at=None, inference_attempts=0))
+            res = cast(CursorResult, s.execute(states.guarded_update(
+                states.SKIPPED, [states.INFERRING], *self._still_mine(claim), now=utcnow(), reason=reason,
+                updated=False, claimed_by=None, claimed_at=None, inference_attempts=0)))
             return res.rowcount == 1
 
     def fail(self, claim: ClaimedStudy, error: str, max_attempts: int, permanent: bool = False) -> str:
@@ -185,9 +188,9 @@ class Jobs:
         now = utcnow()
         which = (Study.StudyInstanceUID == study_uid,) if study_uid else ()
         with self.db.write() as s:
-            return s.execute(states.guarded_update(states.STABLE, [states.FAILED], Study.last_error.is_not(None),
-                                                   Study.result_version < 1, *which, now=now, inference_attempts=0,
-                                                   stable_at=now)).rowcount
+            return cast(CursorResult, s.execute(states.guarded_update(
+                states.STABLE, [states.FAILED], Study.last_error.is_not(None), Study.result_version < 1, *which,
+                now=now, inference_attempts=0, stable_at=now))).rowcount
 
     # -- listing and retention ----------------------------------------------------
     def result_objects(self, study_uid: str, include_superseded: bool = False) -> list[dict]:

@@ -9,9 +9,11 @@ Contributing Equipment.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -107,7 +109,8 @@ def build_sc(pixels: np.ndarray, sources: Sequence[Dataset], model: ModelInfo, i
         raise EncodingError(f"the secondary capture could not be built: {exc}") from exc
     # patient orientation: the image is not rotated or flipped, so the source's value holds (Type 2C: may be empty)
     orientation = list(first.get("PatientOrientation") or []) if len(sources) == 1 else []
-    sc.PatientOrientation = orientation if len(orientation) == 2 else ""
+    # highdicom types PatientOrientation as list[str]; the Type 2C element may be empty
+    sc.PatientOrientation = orientation if len(orientation) == 2 else ""  # type: ignore[assignment]
     # General Series Laterality (Type 2C): the source's, or its image laterality when that is R or L
     laterality = {str(ds.get("Laterality", "") or ds.get("ImageLaterality", "") or "") for ds in sources}
     sc.Laterality = laterality.pop() if len(laterality) == 1 and laterality <= {"R", "L"} else ""
@@ -115,8 +118,9 @@ def build_sc(pixels: np.ndarray, sources: Sequence[Dataset], model: ModelInfo, i
     sc.ReferringPhysicianName = first.get("ReferringPhysicianName", "")
     for kw in ("IssuerOfPatientID", "PatientAge", "OtherPatientIDsSequence"):
         if kw in first:
-            setattr(sc, kw, first.data_element(kw).value)
-    sc.SoftwareVersions = [model.version[:64], f"msk-dicom-node {dicom_node.__version__}"]
+            setattr(sc, kw, cast(DataElement, first.data_element(kw)).value)  # a known keyword, present
+    # highdicom types SoftwareVersions as str | tuple[str] (one-tuple); the LO element is multi-valued
+    sc.SoftwareVersions = [model.version[:64], f"msk-dicom-node {dicom_node.__version__}"]  # type: ignore[assignment]
     sc.DeviceUID = identity.device_uid
     sr_content.add_device_uid(sc, model, identity)
     sc.ConversionType = enum.CONVERSION_TYPE

@@ -166,13 +166,13 @@ def image_group(ds: Dataset, result: ImageResult, identity: ResultIdentity, algo
             present = grade >= enum.KNEE_OA_MIN_KL_GRADE
             evaluations.append(hd.sr.QualitativeEvaluation(
                 enum.KNEE_OSTEOARTHRITIS, enum.DECISION_CODES["definite" if present else "absent"]))
-    for f in (result.kl_grade, result.anatomy, result.view):
-        if f is None:
+    for cat in (result.kl_grade, result.anatomy, result.view):
+        if cat is None:
             continue
-        evaluations.append(hd.sr.QualitativeEvaluation(finding_concept(f.name, overrides),
-                                                       label_concept(f, f.index)))
-        for i in range(len(f.labels)):
-            measurements.append(_probability(label_concept(f, i), f.probabilities[i], algo))
+        evaluations.append(hd.sr.QualitativeEvaluation(finding_concept(cat.name, overrides),
+                                                       label_concept(cat, cat.index)))
+        for i in range(len(cat.labels)):
+            measurements.append(_probability(label_concept(cat, i), cat.probabilities[i], algo))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.tracking_uid(sop_uid, "image"),
                                                      identifier=f"Image {image_number} findings"),

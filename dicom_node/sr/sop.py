@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -108,7 +109,8 @@ def build_sr(sources: Sequence[Dataset], results: Sequence[ImageResult], model: 
         raise EncodingError(f"the SR could not be built: {exc}") from exc
     if n_failed:
         sr.CompletionFlagDescription = f"{n_failed} of {len(results)} images not processed"[:64]
-    sr.SoftwareVersions = [model.version[:64], f"msk-dicom-node {dicom_node.__version__}"]
+    # highdicom types SoftwareVersions as str | tuple[str] (one-tuple); the LO element is multi-valued
+    sr.SoftwareVersions = [model.version[:64], f"msk-dicom-node {dicom_node.__version__}"]  # type: ignore[assignment]
     sr.DeviceUID = identity.device_uid
     c.add_device_uid(sr, model, identity)
     if predecessor is not None and predecessor.StudyInstanceUID != sr.StudyInstanceUID:
@@ -120,7 +122,7 @@ def build_sr(sources: Sequence[Dataset], results: Sequence[ImageResult], model: 
 @dataclass
 class RegionRead:
     source_sop_instance_uid: str
-    finding_type: hd.sr.CodedConcept
+    finding_type: hd.sr.CodedConcept | None
     box: tuple[float, float, float, float]
     peak_score: float | None
     area_mm2: float | None
@@ -177,12 +179,14 @@ def read_sr(ds: Dataset) -> SRRead:
     order: list[str] = []
     for group in report.get_image_measurement_groups():
         src = group.source_images[0].referenced_sop_instance_uid if group.source_images else ""
-        status, evaluations = None, {}
+        # highdicom annotates QualitativeEvaluation.value as int | float; it is the CODE item's CodedConcept
+        status: hd.sr.CodedConcept | None = None
+        evaluations: dict[hd.sr.CodedConcept, hd.sr.CodedConcept] = {}
         for ev in group.get_qualitative_evaluations():
             if ev.name == enum.PROCESSING_STATUS:
-                status = ev.value
+                status = cast(hd.sr.CodedConcept, ev.value)
             else:
-                evaluations[_code_key(ev.name)] = ev.value
+                evaluations[_code_key(ev.name)] = cast(hd.sr.CodedConcept, ev.value)
         reason = None
         for item in group[0].ContentSequence:
             if item.ValueType == "TEXT" and \
@@ -192,18 +196,19 @@ def read_sr(ds: Dataset) -> SRRead:
         images[src] = ImageRead(src, group.tracking_uid, status, reason, evaluations, probabilities,
                                 _algorithm(group))
         order.append(src)
-    for group in report.get_planar_roi_measurement_groups():
-        region = group.roi
+    for roi_group in report.get_planar_roi_measurement_groups():
+        region = cast(hd.sr.ImageRegion, roi_group.roi)  # the node's region groups reference a 2D image region
         src = str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
         peak = area = None
-        for m in group.get_measurements():
+        for m in roi_group.get_measurements():
             if m.name == enum.REGION_PEAK_SCORE:
                 peak = float(m.value)
             elif m.name == enum.AREA:
                 area = float(m.value)
-        evaluations = {_code_key(ev.name): ev.value for ev in group.get_qualitative_evaluations()}
-        read = RegionRead(src, group.finding_type, c.polyline_box(region.value), peak, area, evaluations,
-                          group.tracking_uid)
+        evaluations = {_code_key(ev.name): cast(hd.sr.CodedConcept, ev.value)
+                       for ev in roi_group.get_qualitative_evaluations()}
+        read = RegionRead(src, roi_group.finding_type, c.polyline_box(region.value), peak, area, evaluations,
+                          roi_group.tracking_uid)
         if src not in images:
             raise EncodingError(f"region on {src} without an image group")
         images[src].regions.append(read)
