@@ -28,13 +28,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.dicomgen import copy_with_new_uids, fracatlas_images, pydicom_radiographs, shared_available, write_dx_study  # noqa: E402
+from tests.dicomgen import (  # noqa: E402
+    copy_with_new_uids,
+    fracatlas_available,
+    fracatlas_images,
+    pydicom_radiographs,
+    write_dx_study,
+)
 from tests.nodeproc import NodeProcess, node_config  # noqa: E402
 from tests.peers import Storescp, free_port, require  # noqa: E402
 
 
 def make_images(out: Path, n: int, scale: int) -> list[Path]:
-    if shared_available():
+    if fracatlas_available():
         return write_dx_study(out, fracatlas_images(n), scale=scale)
     out.mkdir(parents=True, exist_ok=True)
     src = [p for p in pydicom_radiographs() if "UNC" in p.name]

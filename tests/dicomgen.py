@@ -45,10 +45,6 @@ def fracatlas_available() -> bool:
     return (FRACATLAS / "labels.csv").is_file() and any((FRACATLAS / "images").glob("IMG*.jpg"))
 
 
-#: The former name (when the images came from ../shared), still imported by bench/bench_receive.py.
-shared_available = fracatlas_available
-
-
 def fracatlas_images(n: int, *, offset: int = 0) -> list[Path]:
     """``n`` fixture radiographs in name order, starting at ``offset``, wrapping around the set.
 
