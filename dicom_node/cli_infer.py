@@ -134,15 +134,13 @@ class InferCommand:
             except Exception as exc:  # noqa: BLE001 - any unreadable image is reported, not raised
                 docs[i] = self._doc(files, i, ImageResult.not_processed(str(files[i]), f"cannot read image: {exc}"),
                                     None)
+        from dicom_node.stages import predict_in_batches
+
         todo = list(loaded)
-        if hasattr(self.model, "batch_size"):
-            self.model.batch_size = self.batch_size
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start:start + self.batch_size]
-            predicted = self.model.predict_arrays([loaded[i] for i in chunk], [str(files[i]) for i in chunk],
-                                                  self.heads)
-            for i, r in zip(chunk, predicted):
-                docs[i] = self._doc(files, i, r, self._render(None, loaded[i], r) if r.processed else None)
+        predicted = predict_in_batches(self.model, self.model.predict_arrays, [loaded[i] for i in todo],
+                                       [str(files[i]) for i in todo], self.batch_size, self.heads)
+        for i, r in zip(todo, predicted, strict=True):
+            docs[i] = self._doc(files, i, r, self._render(None, loaded[i], r) if r.processed else None)
 
     def _render(self, ds, image, result):
         """The heatmap capture's pixels, rendered as for the PACS, for an image not in an encoded study."""

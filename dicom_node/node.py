@@ -67,7 +67,6 @@ class Node:
     def start(self) -> None:
         from dicom_node.pipeline import WorkerPool, claim_prefix
 
-        logging.getLogger().setLevel(self.cfg.logging.level)  # logging.level: the node's, as its workers'
         log.debug("starting: %d peer(s), quiet period %.1f s, %s inference worker(s), batch size %d",
                   len(self.cfg.peers), self.cfg.study.quiet_seconds,
                   self.cfg.pipeline.workers if self.cfg.pipeline.enabled else "no", self.cfg.pipeline.batch_size)

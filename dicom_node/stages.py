@@ -135,21 +135,31 @@ def infer(model, images: Sequence[LoadedImage], batch_size: int, heads: set[str]
     """One result per image, parallel to ``images``; an image that cannot be processed gets a
     not-processed result with its reason. The model sees at most ``batch_size`` images at a time
     (``pipeline.batch_size``: the images of one forward pass)."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    if hasattr(model, "batch_size"):
-        model.batch_size = batch_size  # the model's own chunking: one forward pass per batch
     results: list[ImageResult | None] = [None] * len(images)
     todo = [i for i, im in enumerate(images) if im.processable]
     for i, im in enumerate(images):
         if not im.processable:
             results[i] = ImageResult.not_processed(im.image_id, im.reason or "not loaded", im.rows, im.columns)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        predicted = model.predict_datasets([images[i].ds for i in chunk], [images[i].image_id for i in chunk], heads)
-        for i, r in zip(chunk, predicted):
-            results[i] = r
+    predicted = predict_in_batches(model, model.predict_datasets, [images[i].ds for i in todo],
+                                   [images[i].image_id for i in todo], batch_size, heads)
+    for i, r in zip(todo, predicted, strict=True):
+        results[i] = r
     return results  # type: ignore[return-value]
+
+
+def predict_in_batches(model, predict: Callable[..., list[ImageResult]], inputs: Sequence, ids: Sequence[str],
+                       batch_size: int, heads: set[str] | None = None) -> list[ImageResult]:
+    """``predict(inputs, ids, heads)`` (the model's ``predict_datasets`` or ``predict_arrays``) over
+    ``batch_size`` inputs at a time, which is also the model's forward-pass batch: at most one batch of
+    images is decoded at once."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if hasattr(model, "batch_size"):
+        model.batch_size = batch_size  # the model's own chunking: one forward pass per batch
+    out: list[ImageResult] = []
+    for start in range(0, len(inputs), batch_size):
+        out += predict(list(inputs[start:start + batch_size]), list(ids[start:start + batch_size]), heads)
+    return out
 
 
 # -- route -----------------------------------------------------------------------------------------------
@@ -258,5 +268,5 @@ def write_files(objs: ResultObjects, out_dir: Path | str) -> list[Path]:
 
 
 __all__ = ["LoadedImage", "Routed", "EncodedObject", "load_instances", "load_file", "unsupported_reason", "infer",
-           "route", "skip_reason", "encode", "heatmap_pixels", "to_part10", "write_files", "OUTPUT_OF",
-           "UNSUPPORTED", "ROUTING_RULE", "NOT_PROCESSABLE"]
+           "predict_in_batches", "route", "skip_reason", "encode", "heatmap_pixels", "to_part10", "write_files",
+           "OUTPUT_OF", "UNSUPPORTED", "ROUTING_RULE", "NOT_PROCESSABLE"]
