@@ -16,12 +16,14 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
 from dicom_node.errors import EncodingError, ImageNotProcessable
 from dicom_node.identity import ResultIdentity
+from dicom_node.result_series import created_now
 from dicom_node.sc import content as sc_content
 from dicom_node.sc.sop import build_sc
 from dicom_node.sr.sop import build_sr
@@ -127,7 +129,8 @@ def _summary_header(first: Dataset, results: Sequence[ImageResult]) -> list[str]
 
 def build_result_objects(source_datasets: Sequence[Dataset], results: Sequence[ImageResult], model: ModelInfo,
                          result_version: int = 1, predecessor: Dataset | None = None, *,
-                         concept_overrides: Mapping[str, CodedConcept] | None = None) -> ResultObjects:
+                         concept_overrides: Mapping[str, CodedConcept] | None = None,
+                         created: datetime | None = None) -> ResultObjects:
     """SR, heatmap SCs and summary SC for one study.
 
     ``source_datasets`` are the study's images (pixel data needed for the processed ones),
@@ -135,7 +138,9 @@ def build_result_objects(source_datasets: Sequence[Dataset], results: Sequence[I
     in the same order). ``result_version`` > 1 for a re-run; ``predecessor`` (any dataset
     with the SOP Class/Instance, Series and Study UIDs of the SR it supersedes) goes into
     the Predecessor Documents Sequence. ``concept_overrides`` maps finding names to the
-    model card's concepts. Raises :class:`EncodingError` on anything inconsistent.
+    model card's concepts. ``created`` (default: now) is the instant every object of this version
+    carries as its Series, Content and Instance Creation Date/Time.
+    Raises :class:`EncodingError` on anything inconsistent.
     """
     from inference.pixels import display_uint8
 
@@ -150,6 +155,7 @@ def build_result_objects(source_datasets: Sequence[Dataset], results: Sequence[I
     if predecessor is not None and str(predecessor.SOPInstanceUID) == identity.sr_instance_uid:
         raise EncodingError("the predecessor SR has the UID of the new one: raise result_version")
 
+    created = created or created_now()
     heatmaps: list[Dataset] = []
     heatmap_ids: list[str] = []
     instance_number = 2  # the summary page is instance 1
@@ -171,17 +177,17 @@ def build_result_objects(source_datasets: Sequence[Dataset], results: Sequence[I
                       f"displayed (VOI applied); fracture boxes: solid = definite, dotted = suspected")
         sop_uid = str(ds.SOPInstanceUID)
         heatmaps.append(build_sc(pixels, [ds], model, identity, sop_instance_uid=identity.heatmap_uid(sop_uid),
-                                 instance_number=instance_number, derivation=derivation))
+                                 instance_number=instance_number, derivation=derivation, created=created))
         heatmap_ids.append(identity.file_id("heatmap", sop_uid))
         instance_number += 1
 
     page = sc_content.render_summary(results, labels, model, _summary_header(sources[0], results))
     summary = build_sc(page, sources, model, identity, sop_instance_uid=identity.summary_uid, instance_number=1,
                        derivation=f"table of the findings of {model.name} {model.version} for every image of the "
-                                  f"study")
+                                  f"study", created=created)
 
     sr = build_sr(sources, results, model, identity, heatmaps=heatmaps, summary=[summary], predecessor=predecessor,
-                  concept_overrides=concept_overrides)
+                  created=created, concept_overrides=concept_overrides)
     return ResultObjects(identity=identity, sr=sr, heatmaps=heatmaps, summary=summary, heatmap_ids=heatmap_ids)
 
 

@@ -9,6 +9,7 @@ Contributing Equipment.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import cast
 
 import highdicom as hd
@@ -20,9 +21,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 import dicom_node
 from dicom_node.errors import EncodingError
 from dicom_node.identity import ResultIdentity
+from dicom_node.result_series import created_now, series_description, stamp
 from dicom_node.sc import enum
 from dicom_node.sr import content as sr_content
-from dicom_node.sr.sop import series_description
 from inference.results import ModelInfo
 
 SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
@@ -63,7 +64,8 @@ def _lossy(sources: Sequence[Dataset]) -> tuple[str, list[str]]:
 
 
 def build_sc(pixels: np.ndarray, sources: Sequence[Dataset], model: ModelInfo, identity: ResultIdentity, *,
-             sop_instance_uid: str, instance_number: int, derivation: str) -> hd.sc.SCImage:
+             sop_instance_uid: str, instance_number: int, derivation: str,
+             created: datetime | None = None) -> hd.sc.SCImage:
     """One RGB secondary capture in the results' SC series of the sources' study."""
     if not sources:
         raise EncodingError("a secondary capture needs at least one source image")
@@ -98,7 +100,7 @@ def build_sc(pixels: np.ndarray, sources: Sequence[Dataset], model: ModelInfo, i
             study_time=_str_or_none(first, "StudyTime"),
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=[sr_content.contributing_equipment(model, identity, description)],
-            series_description=series_description(model, "images"),
+            series_description=series_description(model, "images", identity),
             manufacturer_model_name=model.name[:64],
             software_versions=model.version[:64],
             device_serial_number=model.weights_sha256[:16],
@@ -123,6 +125,7 @@ def build_sc(pixels: np.ndarray, sources: Sequence[Dataset], model: ModelInfo, i
     sc.SoftwareVersions = [model.version[:64], f"msk-dicom-node {dicom_node.__version__}"]  # type: ignore[assignment]
     sc.DeviceUID = identity.device_uid
     sr_content.add_device_uid(sc, model, identity)
+    stamp(sc, created or created_now())
     sc.ConversionType = enum.CONVERSION_TYPE
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import cast
 
 import highdicom as hd
@@ -19,6 +20,7 @@ from pydicom.dataset import Dataset
 import dicom_node
 from dicom_node.errors import EncodingError
 from dicom_node.identity import ResultIdentity
+from dicom_node.result_series import created_now, series_description, stamp
 from dicom_node.sr import content as c
 from dicom_node.sr import enum
 from inference.results import ImageResult, ModelInfo
@@ -27,15 +29,9 @@ SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage
 log = logging.getLogger("dicom_node.sr")
 
 
-def series_description(model: ModelInfo, kind: str) -> str:
-    """LO (64 characters): the use statement first, so that it survives truncation."""
-    head = "AI RESULT" if model.for_diagnostic_use else enum.NOT_FOR_DIAGNOSTIC_USE_TEXT
-    return f"{head} {kind} {model.name} {model.version}"[:64].rstrip()
-
-
 def build_sr(sources: Sequence[Dataset], results: Sequence[ImageResult], model: ModelInfo,
              identity: ResultIdentity, *, heatmaps: Sequence[Dataset] = (), summary: Sequence[Dataset] = (),
-             predecessor: Dataset | None = None,
+             predecessor: Dataset | None = None, created: datetime | None = None,
              concept_overrides: Mapping[str, c.ConceptLike] | None = None) -> hd.sr.Comprehensive3DSR:
     """The SR for one study. ``sources[i]`` is the image ``results[i]`` is about.
 
@@ -102,7 +98,7 @@ def build_sr(sources: Sequence[Dataset], results: Sequence[ImageResult], model: 
             is_verified=False,
             previous_versions=[predecessor] if predecessor is not None else None,
             contributing_equipment=[c.contributing_equipment(model, identity, description)],
-            series_description=series_description(model, "SR"),
+            series_description=series_description(model, "SR", identity),
             coding_schemes=c.coding_schemes(report[0]),
         )
     except (ValueError, TypeError, AttributeError) as exc:
@@ -113,6 +109,7 @@ def build_sr(sources: Sequence[Dataset], results: Sequence[ImageResult], model: 
     sr.SoftwareVersions = [model.version[:64], f"msk-dicom-node {dicom_node.__version__}"]  # type: ignore[assignment]
     sr.DeviceUID = identity.device_uid
     c.add_device_uid(sr, model, identity)
+    stamp(sr, created or created_now())
     if predecessor is not None and predecessor.StudyInstanceUID != sr.StudyInstanceUID:
         raise EncodingError("the predecessor SR belongs to another study")
     return sr
