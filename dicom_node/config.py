@@ -114,7 +114,7 @@ class SendingSection(_Section):
         return min(self.max_delay_seconds, self.base_delay_seconds * self.multiplier ** max(0, attempts - 1))
 
 
-OUTPUT_KINDS = ("sr", "heatmaps", "summary")
+OUTPUT_KINDS = ("sr", "heatmaps", "summary", "gsps")
 
 
 class RuleMatch(_Section):
@@ -133,6 +133,12 @@ class Outputs(_Section):
     sr: list[str] = ["origin"]
     heatmaps: list[str] = ["origin"]
     summary: list[str] = ["origin"]
+    gsps: list[str] = ["origin"]  # grayscale softcopy presentation states: the boxes over the original image
+
+    def of_kind(self, kind: str) -> list[str]:
+        """The destinations of one output kind (one of :data:`OUTPUT_KINDS`)."""
+        by_kind = {"sr": self.sr, "heatmaps": self.heatmaps, "summary": self.summary, "gsps": self.gsps}
+        return by_kind[kind]
 
 
 class RoutingRule(_Section):
@@ -217,7 +223,7 @@ class Config(_Section):
         for where, rule in [("routing.default", self.routing.default)] + \
                 [(f"routing.rules[{i}]", r) for i, r in enumerate(self.routing.rules)]:
             for kind in OUTPUT_KINDS:
-                for dest in getattr(rule.outputs, kind):
+                for dest in rule.outputs.of_kind(kind):
                     if dest != "origin" and dest not in names:
                         raise ValueError(f"{where}.outputs.{kind}: {dest!r} is neither 'origin' nor a peer's "
                                          f"ae_title")

@@ -98,6 +98,14 @@ class ResultIdentity:
     def heatmap_uid(self, source_sop_instance_uid: str) -> str:
         return self.uid("heatmap", source_sop_instance_uid)
 
+    def pr_uid(self, source_sop_instance_uid: str) -> str:
+        """SOP Instance UID of the presentation state made for one source image."""
+        return self.uid("gsps", source_sop_instance_uid)
+
+    @property
+    def pr_series_uid(self) -> str:
+        return self.uid("pr-series")
+
     @property
     def summary_uid(self) -> str:
         return self.uid("summary")
@@ -118,6 +126,10 @@ class ResultIdentity:
     @property
     def sc_series_number(self) -> int:
         return 9200 + self.result_version
+
+    @property
+    def pr_series_number(self) -> int:
+        return 9300 + self.result_version
 
 
 def device_uid(bundle_name: str, weights_sha256: str) -> str:

@@ -7,7 +7,8 @@ inputs and outputs, as MONAI Deploy operators) with the index calls of :class:`s
 2. ``load``    instance rows → :class:`~dicom_node.stages.LoadedImage` (SOP class and modality filter)
 3. ``infer``   loaded images → one :class:`ImageResult` per image, ``pipeline.batch_size`` at a time
 4. ``route``   results + routing rules → results filtered to the rule's heads, destinations per output
-5. ``encode``  datasets + results → SR, heatmap SCs, summary SC (validated at construction)
+5. ``encode``  datasets + results → SR, heatmap SCs, summary SC, presentation states (validated at
+               construction)
 6. ``record``  objects → files in the store + result rows + deliveries, in one transaction
                (only if the study did not change while it was inferred)
 

@@ -1,4 +1,4 @@
-"""The model's results for one study as DICOM: the SR, the heatmaps and the summary page.
+"""The model's results for one study as DICOM: the SR, the heatmaps, the summary page and the presentation states.
 
 This is what the pipeline and ``dicom-node infer --dicom-out`` call::
 
@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.errors import EncodingError, ImageNotProcessable
 from dicom_node.identity import ResultIdentity
+from dicom_node.pr.sop import build_gsps, presentable
 from dicom_node.result_series import created_now
 from dicom_node.sc import content as sc_content
 from dicom_node.sc.sop import build_sc
@@ -43,10 +44,19 @@ class ResultObjects:
     summary: Dataset
     #: heatmap file ids, parallel to ``heatmaps`` (derived from the source SOP Instance UIDs)
     heatmap_ids: list[str]
+    #: grayscale softcopy presentation states, one per processed greyscale image
+    presentation_states: list[Dataset] = field(default_factory=list)
+    #: their file ids, parallel to ``presentation_states``
+    presentation_state_ids: list[str] = field(default_factory=list)
 
     def datasets(self) -> list[Dataset]:
-        """Secondary captures first (the SR references them), the SR last."""
-        return [self.summary, *self.heatmaps, self.sr]
+        """Secondary captures first (the SR references them), then the presentation states, the SR last."""
+        return [self.summary, *self.heatmaps, *self.presentation_states, self.sr]
+
+    def kinds(self) -> list[str]:
+        """The object kind of each of :meth:`datasets` ("summary", "heatmap", "gsps", "sr")."""
+        return (["summary"] + ["heatmap"] * len(self.heatmaps) + ["gsps"] * len(self.presentation_states)
+                + ["sr"])
 
 
 def align(source_datasets: Sequence[Dataset], results: Sequence[ImageResult]) -> list[tuple[Dataset, ImageResult]]:
@@ -131,7 +141,7 @@ def build_result_objects(source_datasets: Sequence[Dataset], results: Sequence[I
                          result_version: int = 1, predecessor: Dataset | None = None, *,
                          concept_overrides: Mapping[str, CodedConcept] | None = None,
                          created: datetime | None = None) -> ResultObjects:
-    """SR, heatmap SCs and summary SC for one study.
+    """SR, heatmap SCs, summary SC and presentation states for one study.
 
     ``source_datasets`` are the study's images (pixel data needed for the processed ones),
     ``results`` the model's results (one per dataset; ``image_id`` the SOP Instance UID, or
@@ -158,6 +168,8 @@ def build_result_objects(source_datasets: Sequence[Dataset], results: Sequence[I
     created = created or created_now()
     heatmaps: list[Dataset] = []
     heatmap_ids: list[str] = []
+    presentation_states: list[Dataset] = []
+    pr_ids: list[str] = []
     instance_number = 2  # the summary page is instance 1
     labels = [image_label(ds) for ds in sources]
     for number, (ds, result) in enumerate(zip(sources, results), 1):
@@ -180,6 +192,10 @@ def build_result_objects(source_datasets: Sequence[Dataset], results: Sequence[I
                                  instance_number=instance_number, derivation=derivation, created=created))
         heatmap_ids.append(identity.file_id("heatmap", sop_uid))
         instance_number += 1
+        if presentable(ds):  # a colour source gets no grayscale presentation state
+            presentation_states.append(build_gsps(ds, result, model, identity, instance_number=len(pr_ids) + 1,
+                                                  created=created))
+            pr_ids.append(identity.file_id("gsps", sop_uid))
 
     page = sc_content.render_summary(results, labels, model, _summary_header(sources[0], results))
     summary = build_sc(page, sources, model, identity, sop_instance_uid=identity.summary_uid, instance_number=1,
@@ -188,7 +204,8 @@ def build_result_objects(source_datasets: Sequence[Dataset], results: Sequence[I
 
     sr = build_sr(sources, results, model, identity, heatmaps=heatmaps, summary=[summary], predecessor=predecessor,
                   created=created, concept_overrides=concept_overrides)
-    return ResultObjects(identity=identity, sr=sr, heatmaps=heatmaps, summary=summary, heatmap_ids=heatmap_ids)
+    return ResultObjects(identity=identity, sr=sr, heatmaps=heatmaps, summary=summary, heatmap_ids=heatmap_ids,
+                         presentation_states=presentation_states, presentation_state_ids=pr_ids)
 
 
 def _write(ds: Dataset, path: Path) -> None:
@@ -212,6 +229,7 @@ def output_names(objs: ResultObjects) -> list[str]:
     ident = objs.identity
     return ([f"summary_{ident.file_id('summary')}.dcm"]
             + [f"heatmap_{i}.dcm" for i in objs.heatmap_ids]
+            + [f"gsps_{i}.dcm" for i in objs.presentation_state_ids]
             + [f"sr_{ident.file_id('sr')}.dcm"])
 
 
@@ -232,7 +250,7 @@ def write_result_objects(objs: ResultObjects, out_dir: Path | str) -> list[Path]
 
 def write_results_for_files(pairs: Sequence[tuple[Path | str, ImageResult]], model: ModelInfo, out_dir: Path | str,
                             *, card=None, result_version: int = 1) -> tuple[list[Path], list[str]]:
-    """Results of DICOM files -> SR, heatmaps and summary per study, through the stages of
+    """Results of DICOM files -> SR, heatmaps, summary and presentation states per study, through the stages of
     :mod:`dicom_node.stages` (load, encode, write), as ``dicom-node infer --dicom-out`` does.
 
     ``pairs`` are (DICOM file, its result). Files are grouped by study (re-read here, so the caller

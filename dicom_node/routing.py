@@ -65,6 +65,6 @@ def destinations(rules: list[RoutingRule], origin: str) -> dict[str, tuple[str, 
     out: dict[str, dict[str, None]] = {k: {} for k in OUTPUT_KINDS}
     for rule in rules:
         for kind in OUTPUT_KINDS:
-            for dest in getattr(rule.outputs, kind):
+            for dest in rule.outputs.of_kind(kind):
                 out[kind][origin if dest == "origin" else dest] = None
     return {k: tuple(v) for k, v in out.items()}

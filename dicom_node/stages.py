@@ -11,7 +11,8 @@ load      instance rows of the index, or files            :class:`LoadedImage` p
 infer     loaded images, model, ``pipeline.batch_size``   one :class:`ImageResult` per image
 route     images, results, ``routing``, calling AE        :class:`Routed`: results filtered to each rule's
                                                           heads, destinations per output kind
-encode    images, results, model                          :class:`ResultObjects` (SR, heatmap SCs, summary)
+encode    images, results, model                          :class:`ResultObjects` (SR, heatmap SCs, summary,
+                                                          presentation states)
 write     result objects                                  :class:`EncodedObject` (Part 10 bytes) per object,
                                                           or files in a folder
 ========  ==============================================  ================================================
@@ -216,7 +217,7 @@ def skip_reason(images: Sequence[LoadedImage]) -> str:
 # -- encode ----------------------------------------------------------------------------------------------
 def encode(images: Sequence[LoadedImage], results: Sequence[ImageResult], model: ModelInfo, *, card=None,
            result_version: int = 1, predecessor: Dataset | None = None) -> ResultObjects:
-    """SR, heatmap SCs and summary SC of one study: every loaded image (``ds`` not None) is in the
+    """SR, heatmap SCs, summary SC and presentation states of one study: every loaded image (``ds`` not None) is in the
     summary and the SR, processed or not. ``card`` (the bundle's) supplies the coded concepts.
     Raises :class:`~dicom_node.errors.EncodingError`."""
     pairs = [(im.ds, replace(r, image_id=str(im.ds.SOPInstanceUID)) if r.image_id != im.ds.get("SOPInstanceUID")
@@ -242,16 +243,16 @@ def heatmap_pixels(objs: ResultObjects, image: LoadedImage) -> np.ndarray | None
 class EncodedObject:
     """One result object as DICOM Part 10 bytes, with the output kind that decides where it goes."""
 
-    kind: str  # "summary" | "heatmap" | "sr"
+    kind: str  # "summary" | "heatmap" | "gsps" | "sr"
     dataset: Dataset
     data: bytes
 
 
 def to_part10(objs: ResultObjects) -> list[EncodedObject]:
-    """Result objects -> Part 10 bytes, in the order to send them (captures first, the SR last)."""
+    """Result objects -> Part 10 bytes, in the order to send them (captures first, then the presentation
+    states, the SR last)."""
     out = []
-    kinds = ["summary"] + ["heatmap"] * len(objs.heatmaps) + ["sr"]
-    for kind, ds in zip(kinds, objs.datasets(), strict=True):
+    for kind, ds in zip(objs.kinds(), objs.datasets(), strict=True):
         buf = DicomBytesIO()
         ds.save_as(buf, enforce_file_format=True)
         out.append(EncodedObject(kind, ds, buf.getvalue()))
@@ -259,7 +260,7 @@ def to_part10(objs: ResultObjects) -> list[EncodedObject]:
 
 
 #: output kind of each object kind (``routing`` outputs are named per kind of object)
-OUTPUT_OF = {"summary": "summary", "heatmap": "heatmaps", "sr": "sr"}
+OUTPUT_OF = {"summary": "summary", "heatmap": "heatmaps", "gsps": "gsps", "sr": "sr"}
 
 
 def write_files(objs: ResultObjects, out_dir: Path | str) -> list[Path]:

@@ -130,14 +130,21 @@ def _first_number(value) -> float | None:
         return None
 
 
+def percentile_bounds(values: np.ndarray, lo_pct: float = FALLBACK_PERCENTILES[0],
+                      hi_pct: float = FALLBACK_PERCENTILES[1]) -> tuple[float, float]:
+    """The values at two percentiles of the image (subsampled for speed), min and max when they coincide."""
+    flat = values.ravel()
+    step = max(1, flat.size // 1_000_000)
+    lo, hi = (float(v) for v in np.percentile(flat[::step], [lo_pct, hi_pct]))
+    if hi <= lo:
+        lo, hi = float(flat.min()), float(flat.max())
+    return lo, hi
+
+
 def percentile_window(values: np.ndarray, lo_pct: float = FALLBACK_PERCENTILES[0],
                       hi_pct: float = FALLBACK_PERCENTILES[1]) -> np.ndarray:
     """Linear window between two percentiles of the image (subsampled for speed), output 0..1."""
-    flat = values.ravel()
-    step = max(1, flat.size // 1_000_000)
-    lo, hi = np.percentile(flat[::step], [lo_pct, hi_pct])
-    if hi <= lo:
-        lo, hi = float(flat.min()), float(flat.max())
+    lo, hi = percentile_bounds(values, lo_pct, hi_pct)
     if hi <= lo:
         return np.zeros_like(values, dtype=np.float32)
     return np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
@@ -194,6 +201,17 @@ def display_float(ds) -> np.ndarray:
     if pi == "MONOCHROME1":
         out = 1.0 - out
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def fallback_window(ds) -> tuple[float, float] | None:
+    """Which VOI :func:`display_float` applies to a greyscale image: None when it is the image's own
+    (VOI LUT or first window), else the (low, high) modality values of the percentile window it falls
+    back to. Presentation states use it to show the image as the node's captures do."""
+    values = decode_pixels(ds)
+    own = _voi(ds, values)
+    if own is not None and _usable(own):
+        return None
+    return percentile_bounds(values)
 
 
 def display_uint8(ds) -> np.ndarray:

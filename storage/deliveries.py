@@ -69,7 +69,7 @@ class Item:
     study_id: int
     StudyInstanceUID: str
     destination: str
-    kind: str  # "sr" | "heatmap" | "summary"
+    kind: str  # "sr" | "heatmap" | "summary" | "gsps"
     result_version: int
     SOPClassUID: str
     SOPInstanceUID: str

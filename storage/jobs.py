@@ -43,7 +43,7 @@ class ClaimedStudy:
 class NewResult:
     """A result object written to the store, and where it must go."""
 
-    kind: str  # "sr" | "heatmap" | "summary"
+    kind: str  # "sr" | "heatmap" | "summary" | "gsps"
     SOPInstanceUID: str
     SOPClassUID: str
     SeriesInstanceUID: str

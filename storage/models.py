@@ -148,7 +148,8 @@ class DeliveryState(str, enum.Enum):
 
 
 class ResultObject(Base):
-    """A DICOM object the node made (SR, heatmap SC, summary SC), stored under storage.path/results."""
+    """A DICOM object the node made (SR, heatmap SC, summary SC, presentation state), stored under
+    storage.path/results."""
 
     __tablename__ = "result_objects"
 
@@ -156,7 +157,7 @@ class ResultObject(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     result_version: Mapped[int] = mapped_column(Integer)
     generation: Mapped[int] = mapped_column(Integer)  # the study generation it was made from
-    kind: Mapped[str] = mapped_column(String(16))  # "sr" | "heatmap" | "summary"
+    kind: Mapped[str] = mapped_column(String(16))  # "sr" | "heatmap" | "summary" | "gsps"
     SOPInstanceUID: Mapped[str] = mapped_column(String(64), unique=True)
     SOPClassUID: Mapped[str] = mapped_column(String(64))
     SeriesInstanceUID: Mapped[str] = mapped_column(String(64))

@@ -16,6 +16,7 @@ from tests.peers import Orthanc, dciodvfy, echoscu, free_port, storescu
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+PR_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"  # Grayscale Softcopy Presentation State
 
 FAST_SENDING = {"base_delay_seconds": 0.5, "multiplier": 2, "max_delay_seconds": 2, "max_attempts": 100,
                 "timeout_seconds": 10, "poll_seconds": 0.3}
@@ -42,12 +43,14 @@ def orthanc_instances(pacs: Orthanc, study_uid: str) -> list[dict]:
 
 
 def results_at(pacs: Orthanc, study_uid: str) -> dict[str, list[dict]]:
-    out = {"sr": [], "sc": []}
+    out: dict[str, list[dict]] = {"sr": [], "sc": [], "pr": []}
     for inst in orthanc_instances(pacs, study_uid):
         if inst["SOPClassUID"] == SR_CLASS:
             out["sr"].append(inst)
         elif inst["SOPClassUID"] == SC_CLASS:
             out["sc"].append(inst)
+        elif inst["SOPClassUID"] == PR_CLASS:
+            out["pr"].append(inst)
     return out
 
 
@@ -87,7 +90,8 @@ def test_orthanc_study_in_results_back_then_late_image_supersedes(make_node, tmp
         got = results_at(pacs, study_uid)
         assert len(got["sr"]) == 1, got
         assert len(got["sc"]) == len(files) + 1  # a heatmap per image and the summary page
-        check_valid(pacs, got["sr"] + got["sc"], tmp_path)
+        assert len(got["pr"]) == len(files)  # a presentation state per image
+        check_valid(pacs, got["sr"] + got["sc"] + got["pr"], tmp_path)
         assert sources <= sr_evidence(pacs, got["sr"][0])  # the SR references every source instance
         for sc in got["sc"]:
             assert sc["StudyInstanceUID"] == study_uid and sc["BurnedInAnnotation"] == "YES"
@@ -133,11 +137,11 @@ def test_outage_results_arrive_once_orthanc_is_back(make_node, tmp_path):
         pacs.start()  # back, same ports and storage
         node.wait_for(lambda: _jobs(node)[0]["state"] == "sent", timeout=120, interval=1, what="sent after outage")
         got = results_at(pacs, study_uid)
-        assert len(got["sr"]) == 1 and len(got["sc"]) == len(files) + 1
+        assert len(got["sr"]) == 1 and len(got["sc"]) == len(files) + 1 and len(got["pr"]) == len(files)
         # once: each result arrived in a single NewInstance event, never replaced
         changes = pacs.get("/changes?limit=1000")["Changes"]
         new = [c for c in changes if c["ChangeType"] == "NewInstance"]
-        assert len(new) == len(files) + len(got["sr"]) + len(got["sc"])
+        assert len(new) == len(files) + len(got["sr"]) + len(got["sc"]) + len(got["pr"])
     finally:
         pacs.stop()
 
@@ -166,11 +170,12 @@ def test_sigkill_during_inference_and_during_sending_each_result_exactly_once(ma
 
         counts = counter.counts()
         received = counter.received()
-        n_expected = len(files) + 2  # a heatmap per image, the summary, the SR
+        n_expected = 2 * len(files) + 2  # a heatmap and a presentation state per image, the summary, the SR
         assert len(counts) == n_expected, counts
         assert all(c == 1 for c in counts.values()), counts
         classes = sorted(r["SOPClassUID"] for r in received.values())
         assert classes.count(SR_CLASS) == 1 and classes.count(SC_CLASS) == len(files) + 1
+        assert classes.count(PR_CLASS) == len(files)
         assert _jobs(node)[0]["result_version"] == 1
 
 
@@ -197,6 +202,7 @@ def test_mixed_study_good_undecodable_and_sr_object(make_node, tmp_path):
         received = counter.received()
         heatmaps = [r for r in received.values() if r["SOPClassUID"] == SC_CLASS]
         assert len(heatmaps) == 2  # one heatmap (the good image) and the summary: nothing for the broken one
+        assert [r["SOPClassUID"] for r in received.values()].count(PR_CLASS) == 1  # the good image's
         srs = [u for u, r in received.items() if r["SOPClassUID"] == SR_CLASS]
         assert len(srs) == 1
         # the SR says which image was not processed, and why
@@ -244,7 +250,7 @@ def test_dead_letter_retry_and_retention_keeps_undelivered(make_node, tmp_path):
         node.wait_for(lambda: state(uid_a) == "sent" and state(uid_b) == "failed", timeout=240, interval=1,
                       what="a sent, b failed")
         job_b = {j["StudyInstanceUID"]: j for j in _jobs(node)}[uid_b]
-        assert "DOWN" in job_b["state_reason"] and job_b["deliveries"][0]["states"]["dead"] == 4
+        assert "DOWN" in job_b["state_reason"] and job_b["deliveries"][0]["states"]["dead"] == 6
 
         # retention: a is removed (rows and files) once older than 20 s; b, undelivered, stays
         files_a = [node.storage / r["file_path"] for r in
@@ -256,13 +262,13 @@ def test_dead_letter_retry_and_retention_keeps_undelivered(make_node, tmp_path):
         # the destination comes back; retry re-queues the dead letters and they are delivered once
         with CountingSCPProcess(tmp_path / "down.json", aet="DOWN", port=down_port) as down:
             out = node.cli("retry").stdout
-            assert "re-queued 4 dead deliveries" in out
+            assert "re-queued 6 dead deliveries" in out  # 2 images: 2 heatmaps, 2 PRs, the summary, the SR
             # b is old enough for retention: once delivered it may be removed at once, so the
             # delivery is checked at the destination and in the log, not on the study row
-            node.wait_for(lambda: len(down.counts()) == 4, timeout=60, interval=1, what="b delivered after retry")
-            node.wait_for(lambda: f"study {uid_b} to DOWN: 4 sent, 0 failed" in node.log(), timeout=30,
+            node.wait_for(lambda: len(down.counts()) == 6, timeout=60, interval=1, what="b delivered after retry")
+            node.wait_for(lambda: f"study {uid_b} to DOWN: 6 sent, 0 failed" in node.log(), timeout=30,
                           what="b recorded as sent")
             assert state(uid_b) in ("sent", None)  # sent, or sent and then removed by retention
-            assert sorted(down.counts().values()) == [1, 1, 1, 1]
+            assert sorted(down.counts().values()) == [1] * 6
     finally:
         up.stop()

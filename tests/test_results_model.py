@@ -65,7 +65,7 @@ def test_default_model_results_encode_validate_and_read_back(model, kind, tmp_pa
     assert all(r.processed for r in results), [r.reason for r in results]
     objs = build_result_objects(sources, results, model.info, concept_overrides=card_concepts(model.card))
     paths = write_result_objects(objs, tmp_path / "out")
-    assert len(objs.heatmaps) == len(sources)
+    assert len(objs.heatmaps) == len(sources) and len(objs.presentation_states) == len(sources)
     for p in paths:
         validate(p)
     _check_round_trip(next(p for p in paths if p.name.startswith("sr_")), sources, results, model.card)
@@ -86,7 +86,7 @@ def test_cli_infer_dicom_out(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     written = sorted(dicom_out.rglob("*.dcm"))
     kinds = sorted(p.name.split("_")[0] for p in written)
-    assert kinds == ["heatmap", "heatmap", "sr", "summary"], written
+    assert kinds == ["gsps", "gsps", "heatmap", "heatmap", "sr", "summary"], written
     for p in written:
         validate(p)
     sr = pydicom.dcmread(next(p for p in written if p.name.startswith("sr_")))

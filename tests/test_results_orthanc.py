@@ -67,6 +67,12 @@ def test_orthanc_accepts_all_objects_and_renders_the_secondary_captures(pacs, ki
     _send(pacs, paths)
     added = set(pacs.instances()) - before
     assert len(added) == len(sources) + len(paths)
+    # a presentation state per processed image among them, accepted over C-STORE and stored as sent
+    assert len(objs.presentation_states) == sum(r.processed for r in results)
+    for pr in objs.presentation_states:
+        tags = pacs.get(f"/instances/{_lookup(pacs, str(pr.SOPInstanceUID))}/simplified-tags")
+        assert tags["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.11.1" and tags["Modality"] == "PR"
+        assert tags["ContentLabel"] == "AI_FINDINGS"
 
     # all in the source study, the results in their own series
     study_ids = {pacs.get(f"/instances/{_lookup(pacs, str(ds.SOPInstanceUID))}/study")["ID"] for ds in sources}

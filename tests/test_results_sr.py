@@ -320,6 +320,6 @@ def test_dicom_out_for_files_groups_studies_and_skips_repeats(tmp_path):
     assert len(folders) == 2
     for folder in folders:
         names = sorted(p.name.split("_")[0] for p in folder.iterdir())
-        assert names == ["heatmap", "sr", "summary"]
+        assert names == ["gsps", "heatmap", "sr", "summary"]
     for p in written:
         validate(p)

@@ -15,7 +15,7 @@ CFG = {
     "routing": {"rules": [
         {"name": "knees", "match": {"modality": ["CR", "DX"], "body_part": ["KNEE"]},
          "heads": ["kl_grade", "anatomy"], "outputs": {"sr": ["origin"], "heatmaps": ["origin", "ARCHIVE"],
-                                                       "summary": []}},
+                                                       "summary": [], "gsps": ["ARCHIVE"]}},
         {"name": "no-mammo", "match": {"modality": ["MG"]}, "skip": True},
         {"name": "from-archive", "match": {"calling_ae": ["ARCHIVE"], "sop_class": ["1.2.840.10008.5.1.4.1.1.1"]},
          "heads": ["fracture"]},
@@ -59,8 +59,9 @@ def test_heads_filter_and_destinations():
     assert r.fracture is None and r.view is None and r.fracture_map is None
     assert apply_heads(cfg.routing.default, result()) == result()
     d = destinations([knees, cfg.routing.default], origin="PACS")
-    assert d == {"sr": ("PACS",), "heatmaps": ("PACS", "ARCHIVE"), "summary": ("PACS",)}
+    assert d == {"sr": ("PACS",), "heatmaps": ("PACS", "ARCHIVE"), "summary": ("PACS",), "gsps": ("ARCHIVE", "PACS")}
     assert destinations([knees], origin="PACS")["summary"] == ()
+    assert destinations([knees], origin="PACS")["gsps"] == ("ARCHIVE",)
 
 
 @pytest.mark.parametrize("change,key", [
@@ -76,3 +77,11 @@ def test_routing_errors_name_the_key(change, key):
     with pytest.raises(ConfigError) as err:
         parse_config(bad, environ={})
     assert err.value.key == key, str(err.value)
+
+
+def test_every_output_kind_has_its_destinations():
+    from dicom_node.config import OUTPUT_KINDS, Outputs
+
+    assert OUTPUT_KINDS == ("sr", "heatmaps", "summary", "gsps")
+    outputs = Outputs(gsps=["ARCHIVE"])
+    assert [outputs.of_kind(k) for k in OUTPUT_KINDS] == [["origin"], ["origin"], ["origin"], ["ARCHIVE"]]

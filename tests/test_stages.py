@@ -78,7 +78,8 @@ def test_route_skip_heads_and_destinations(model):
     assert not chest.processed and chest.reason == "routing rule 'no-chest'"
     assert routed.images[0].reason_kind == stages.ROUTING_RULE
     assert leg.processed and leg.fracture is not None and leg.anatomy is None and leg.view is None
-    assert routed.destinations == {"sr": ("PACS",), "heatmaps": (), "summary": ()}
+    # gsps not named: its default, the origin
+    assert routed.destinations == {"sr": ("PACS",), "heatmaps": (), "summary": (), "gsps": ("PACS",)}
     assert routed.processed == [routed.images[1]]
     # the inputs are not changed
     assert images[0].reason is None and results[0].processed
@@ -99,7 +100,9 @@ def test_encode_and_to_part10_give_the_objects_in_sending_order(model):
     results = stages.infer(model, images, 8)
     objs = stages.encode(images, results, model.info, card=model.card)
     encoded = stages.to_part10(objs)
-    assert [e.kind for e in encoded] == ["summary", "heatmap", "sr"]
+    assert [e.kind for e in encoded] == ["summary", "heatmap", "gsps", "sr"]
+    assert [stages.OUTPUT_OF[e.kind] for e in encoded] == ["summary", "heatmaps", "gsps", "sr"]
+    assert encoded[2].dataset.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1"
     for e in encoded:
         back = pydicom.dcmread(pydicom.filebase.DicomBytesIO(e.data))
         assert back.SOPInstanceUID == e.dataset.SOPInstanceUID
