@@ -127,7 +127,12 @@ def test_boxes_are_the_results_boxes_solid_definite_dotted_suspected(dx):
         ann = _annotations(pr)
         rows, columns = int(source.Rows), int(source.Columns)
         texts = _texts(pr)
-        assert str(ann[enum.LAYER_TEXT].TextObjectSequence[0].UnformattedTextValue) == scc.findings_line(result)
+        # the capture's findings line, a line per finding, from the top-left corner down
+        lines = [str(t.UnformattedTextValue) for t in ann[enum.LAYER_TEXT].TextObjectSequence]
+        assert "   ".join(lines[:len(result.findings())]) == scc.findings_line(result)
+        tops = [float(t.BoundingBoxTopLeftHandCorner[1]) for t in ann[enum.LAYER_TEXT].TextObjectSequence]
+        assert tops == sorted(tops) and all(t.BoundingBoxAnnotationUnits == "PIXEL"
+                                            for t in ann[enum.LAYER_TEXT].TextObjectSequence)
         assert src.use_statement(MODEL) in texts
         # anomaly regions: a closed polyline equal to the SR's box
         (region,) = result.regions
@@ -292,3 +297,32 @@ def test_dcmp2pgm_renders_the_image_as_the_node_displays_it_with_the_boxes(case,
         notes = Path("/work/notes")
         if notes.is_dir():  # a look at it for a person (not needed by the test)
             Image.fromarray(shown).save(notes / "gsps_dcmp2pgm.png")
+
+
+def test_a_source_voi_lut_is_carried_and_dcmtk_applies_it(tmp_path):
+    """A source whose VOI is a LUT (as some DX systems send): the presentation state carries that LUT, and dcmtk's
+    rendering through it is what the node displays."""
+    from pydicom.dataset import Dataset
+
+    sources = dx_study(tmp_path, n=1, offset=9)
+    ds = sources[0]
+    stored = ds.pixel_array
+    top = int(stored.max()) + 1
+    lut = np.rint(65535 * np.sqrt(np.arange(top) / (top - 1))).astype(np.uint16)  # a non-linear curve
+    item = Dataset()
+    item.LUTDescriptor = [top, 0, 16]
+    item.LUTExplanation = "test curve"
+    item.add_new(0x00283006, "US", lut.tolist())  # LUT Data
+    ds.VOILUTSequence = [item]
+    for kw in ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation"):
+        if kw in ds:
+            delattr(ds, kw)
+    objs = build_result_objects([ds], make_results([ds]), MODEL)
+    (pr,) = objs.presentation_states
+    voi = pr.SoftcopyVOILUTSequence[0]
+    assert "WindowCenter" not in voi and list(voi.VOILUTSequence[0].LUTDescriptor) == [top, 0, 16]
+    paths = write_result_objects(objs, tmp_path / "out")
+    validate(_pr_path(objs, paths, ds))
+    base, _ = render(_pr_path(objs, paths, ds), _source_file(tmp_path, ds), tmp_path / "render")
+    expected = display_uint8(ds).astype(np.int16)
+    assert np.abs(base.astype(np.int16) - expected).mean() < 2.0

@@ -8,8 +8,8 @@ Three graphic layers over the source image, every coordinate in PIXEL units of t
   decision is suspected or definite, as the heatmap capture draws them: solid when definite, dotted
   (short POLYLINE dashes, see :func:`dashes`) when suspected, each with its label
   ("Fracture, definite, p = 0.72");
-- ``AI_TEXT``: the image's findings in the wording of the capture's findings line, the intended-use
-  statement, and "not localised" for a positive fracture or tumour decision without a box.
+- ``AI_TEXT``: the image's findings in the wording of the capture's findings line (a line per finding),
+  the intended-use statement, and "not localised" for a positive fracture or tumour decision without a box.
 
 The boxes are also drawn into an overlay bitmap (:func:`overlay_elements`) activated on a fourth layer,
 ``AI_BOX_BITMAP`` (drawn first, under the vector graphics, which cover it), so that a renderer that draws
@@ -124,9 +124,17 @@ def _clipped(box: tuple[float, float, float, float], result: ImageResult) -> tup
     return sr_content.polyline_box(sr_content.box_polyline(box, result.rows, result.columns))
 
 
+def findings_lines(result: ImageResult) -> list[str]:
+    """The parts of the capture's findings line (:func:`dicom_node.sc.content.findings_line`), one per finding:
+    one line of all of them would be wider than most images at a legible size."""
+    parts = [sc_content.binary_text(f) if isinstance(f, BinaryFinding) else sc_content.categorical_text(f)
+             for f in result.findings()]
+    return parts or [sc_content.findings_line(result)]
+
+
 def text_lines(result: ImageResult, model: ModelInfo, drawn: Sequence[Box]) -> list[str]:
-    """The image's findings (the capture's findings line), "not localised" lines, the use statement."""
-    lines = [sc_content.findings_line(result)]
+    """The image's findings (in the capture's wording, a line each), "not localised" lines, the use statement."""
+    lines = findings_lines(result)
     has_fracture_box = any(b.layer == enum.LAYER_FRACTURE for b in drawn)
     if _positive(result.fracture) and not has_fracture_box:
         assert result.fracture is not None

@@ -50,7 +50,7 @@ OVERLAY_LINE_FRACTION = 1 / 800
 
 # -- text ---------------------------------------------------------------------------------------------------------
 #: height of a line of text as a fraction of the image's long side (at least MIN_TEXT_HEIGHT pixels)
-TEXT_HEIGHT_FRACTION = 1 / 40
+TEXT_HEIGHT_FRACTION = 1 / 60
 MIN_TEXT_HEIGHT = 12.0
 #: rough width of a character in units of the line height (for text bounding boxes)
 CHAR_WIDTH = 0.6
