@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -207,15 +208,26 @@ def test_colour_source_gets_no_presentation_state(tmp_path):
 def render(pr_path: Path, image_path: Path, workdir: Path) -> tuple[np.ndarray, list[np.ndarray]]:
     """dcmtk's ``dcmp2pgm`` renders ``image_path`` through the presentation state: the image as displayed
     (modality LUT, VOI, presentation LUT) and, at log level info, each overlay activated on a graphic layer,
-    drawn in the layer's recommended grayscale value (``ovl_LLII.pgm`` in the working directory).
+    drawn in the layer's recommended grayscale value (``ovl_LLII.pgm`` in the working directory, its place
+    in the log), returned here placed on an image-sized canvas.
     dcmp2pgm does not rasterise graphic objects (POLYLINE) or text: a viewer does."""
     workdir.mkdir(parents=True, exist_ok=True)
     out = workdir / "rendered.pgm"
     proc = subprocess.run([require("dcmp2pgm"), "--log-level", "info", "-p", str(pr_path), str(image_path), str(out)],
                           cwd=workdir, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    overlays = [np.asarray(Image.open(p)) for p in sorted(workdir.glob("ovl_*.pgm"))]
-    return np.asarray(Image.open(out)), overlays
+    base = np.asarray(Image.open(out))
+    places = re.findall(r"columns=(\d+) rows=(\d+) left=(\d+) top=(\d+)", proc.stdout + proc.stderr)
+    files = sorted(workdir.glob("ovl_*.pgm"))
+    assert len(places) == len(files)
+    overlays = []
+    for path, (w, h, left, top) in zip(files, places):
+        ovl = np.asarray(Image.open(path))
+        assert ovl.shape == (int(h), int(w))
+        canvas = np.zeros_like(base)
+        canvas[int(top):int(top) + int(h), int(left):int(left) + int(w)] = ovl
+        overlays.append(canvas)
+    return base, overlays
 
 
 def burn(base: np.ndarray, overlays: list[np.ndarray], grey: int) -> np.ndarray:
@@ -326,3 +338,27 @@ def test_a_source_voi_lut_is_carried_and_dcmtk_applies_it(tmp_path):
     base, _ = render(_pr_path(objs, paths, ds), _source_file(tmp_path, ds), tmp_path / "render")
     expected = display_uint8(ds).astype(np.int16)
     assert np.abs(base.astype(np.int16) - expected).mean() < 2.0
+
+
+def test_boxes_are_clipped_to_the_image_and_a_box_outside_is_left_out(tmp_path):
+    from dataclasses import replace
+
+    from inference.results import Region
+
+    sources = dx_study(tmp_path, n=1, offset=10)
+    (result,) = make_results(sources)
+    columns = int(sources[0].Columns)
+    result = replace(result, fracture=BinaryFinding("fracture", 0.9, OperatingPoints(0.3, 0.7)),
+                     fracture_regions=(Region((columns + 5.0, 10.0, columns + 50.0, 40.0), 0.9, 10, "fracture"),),
+                     regions=(Region((-10.0, -10.0, 50.0, 60.0), 0.5, 10, "anomaly"),))
+    objs = build_result_objects(sources, [result], MODEL)
+    (pr,) = objs.presentation_states
+    ann = _annotations(pr)
+    assert enum.LAYER_FRACTURE not in ann  # its only box lies outside the image: not localised
+    assert "Fracture definite: not localised" in _texts(pr)
+    (box,) = ann[enum.LAYER_REGIONS].GraphicObjectSequence
+    np.testing.assert_allclose(_points(box), [[0, 0], [50, 0], [50, 60], [0, 60], [0, 0]])
+    assert list(pr[0x6000, 0x0050].value) == [1, 1] and pr[0x6000, 0x0010].value == 60  # overlay: the box's part
+    for p in write_result_objects(objs, tmp_path / "out"):
+        if p.name.startswith("gsps_"):
+            validate(p)

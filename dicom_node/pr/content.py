@@ -250,17 +250,21 @@ def box_bitmap(drawn: Sequence[Box], rows: int, columns: int) -> np.ndarray:
 
 
 def overlay_elements(pr: Dataset, drawn: Sequence[Box], rows: int, columns: int) -> bool:
-    """Add the boxes as one graphic overlay of the image's size (Overlay Plane and Overlay Activation
-    modules), activated on the layer :data:`~dicom_node.pr.enum.LAYER_OVERLAY`. False when there is no box."""
+    """Add the boxes as one graphic overlay (Overlay Plane and Overlay Activation modules) activated on the
+    layer :data:`~dicom_node.pr.enum.LAYER_OVERLAY`: the part of the image the boxes cover, placed by its
+    Overlay Origin. False when there is no box."""
     if not drawn:
         return False
-    bitmap = box_bitmap(drawn, rows, columns)
+    full = box_bitmap(drawn, rows, columns)
+    on_rows, on_columns = np.flatnonzero(full.any(axis=1)), np.flatnonzero(full.any(axis=0))
+    top, left = int(on_rows[0]), int(on_columns[0])
+    bitmap = full[top:int(on_rows[-1]) + 1, left:int(on_columns[-1]) + 1]
     group = enum.OVERLAY_GROUP
-    pr.add_new((group, 0x0010), "US", rows)                       # Overlay Rows
-    pr.add_new((group, 0x0011), "US", columns)                    # Overlay Columns
+    pr.add_new((group, 0x0010), "US", bitmap.shape[0])            # Overlay Rows
+    pr.add_new((group, 0x0011), "US", bitmap.shape[1])            # Overlay Columns
     pr.add_new((group, 0x0022), "LO", enum.LAYER_DESCRIPTIONS[enum.LAYER_OVERLAY][:64])  # Overlay Description
     pr.add_new((group, 0x0040), "CS", "G")                        # Overlay Type: graphics
-    pr.add_new((group, 0x0050), "SS", [1, 1])                     # Overlay Origin
+    pr.add_new((group, 0x0050), "SS", [top + 1, left + 1])        # Overlay Origin: row, column (1-based)
     pr.add_new((group, 0x0100), "US", 1)                          # Overlay Bits Allocated
     pr.add_new((group, 0x0102), "US", 0)                          # Overlay Bit Position
     pr.add_new((group, 0x1001), "CS", enum.LAYER_OVERLAY)         # Overlay Activation Layer
