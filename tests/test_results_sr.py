@@ -73,6 +73,17 @@ def test_sr_reads_back_with_the_same_findings(study, request):
     assert not report.get_image_measurement_groups()
     for g in groups:
         assert g.roi is not None and g.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        items = list(g[0].ContentSequence)
+        # OHIF's "track measurements": the label is the group's Comment, the geometry the first NUM's only child
+        comments = [i.TextValue for i in items if i.ValueType == "TEXT"
+                    and i.ConceptNameCodeSequence[0].CodeValue == enum.COMMENT.value]
+        assert len(comments) == 1 and (comments[0].startswith("Image ") or "(image " in comments[0])
+        nums = [i for i in items if i.ValueType == "NUM"]
+        if nums:
+            (inferred,) = nums[0].ContentSequence
+            assert inferred.ValueType == "SCOORD" and inferred.RelationshipType == "INFERRED FROM"
+            assert list(inferred.GraphicData) == list(g.roi.GraphicData)
+            assert all("ContentSequence" not in n for n in nums[1:])
     for src, res in zip(sources, results):
         uid = str(src.SOPInstanceUID)
         mine = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=uid)
@@ -136,9 +147,13 @@ def test_sr_reads_back_with_the_same_findings(study, request):
         for roi in rois:
             assert roi.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPClassUID == src.SOPClassUID
             first = roi.get_measurements()[0]
+            comment = next(i.TextValue for i in roi[0].ContentSequence if i.ValueType == "TEXT"
+                           and i.ConceptNameCodeSequence[0].CodeValue == enum.COMMENT.value)
             if _code(roi.finding_type) == _code(enum.FRACTURE):  # the line a viewer shows first: the call
                 assert first.name.meaning == f"{enum.FRACTURE.meaning}, {res.fracture.decision}"
                 assert first.value == pytest.approx(100 * res.fracture.probability)
+                assert comment.startswith(f"Fracture of bone, {res.fracture.decision}, "
+                                          f"p = {res.fracture.probability:.2f} (image ")
             else:
                 assert _code(first.name) == _code(enum.ANOMALY_SCORE)
             assert _code(first.unit) == _code(enum.UNIT_PERCENT)

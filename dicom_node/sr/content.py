@@ -11,6 +11,7 @@ not processed get a group with status "Failed" and the reason as text.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 
@@ -147,12 +148,12 @@ def _status_item(code: Code) -> hd.sr.QualitativeEvaluation:
     return hd.sr.QualitativeEvaluation(enum.PROCESSING_STATUS, code)
 
 
-def _percent(name: hd.sr.CodedConcept, value: float, algo, what: str = "probability") -> hd.sr.Measurement:
+def _percent(name: hd.sr.CodedConcept, value: float, algo=None, what: str = "probability") -> hd.sr.Measurement:
     """A probability or score in 0..1 as a NUM in percent."""
     value = float(value)
     if not (0.0 <= value <= 1.0) or not math.isfinite(value):
         raise EncodingError(f"{what} {value} of {name.meaning} is not in 0..1")
-    return hd.sr.Measurement(name=name, value=round(value * 100.0, 4), unit=enum.UNIT_PERCENT, algorithm_id=algo)
+    return hd.sr.Measurement(name=name, value=round(value * 100.0, 4), unit=enum.UNIT_PERCENT)
 
 
 def whole_image(ds: Dataset, rows: int, columns: int) -> hd.sr.ImageRegion:
@@ -222,6 +223,45 @@ def image_group(ds: Dataset, result: ImageResult, identity: ResultIdentity, algo
     )
     for f in result.not_localised():
         _append_text(group, enum.LOCALISATION, f"{binary_concept(f, overrides).meaning}: {enum.NOT_LOCALISED_TEXT}")
+    return for_viewers(group, image_comment(result, image_number, overrides))
+
+
+def call_text(f: BinaryFinding, overrides: Mapping[str, ConceptLike] | None = None) -> str:
+    """"Fracture of bone, definite, p = 0.72"."""
+    return f"{binary_concept(f, overrides).meaning}, {f.decision}, p = {f.probability:.2f}"
+
+
+def image_comment(result: ImageResult, image_number: int, overrides: Mapping[str, ConceptLike] | None = None
+                  ) -> str:
+    """The whole-image group's label: every finding of the image in one line."""
+    parts = [call_text(f, overrides) for f in (result.fracture, result.tumour) if f is not None]
+    unboxed = {f.name for f in result.not_localised()}
+    parts = [p + (f" ({enum.NOT_LOCALISED_TEXT})" if f.name in unboxed else "")
+             for p, f in zip(parts, [f for f in (result.fracture, result.tumour) if f is not None])]
+    for cat in (result.kl_grade, result.anatomy, result.view):
+        if cat is not None:
+            parts.append(f"{finding_concept(cat.name, overrides).meaning}: {label_concept(cat, cat.index).meaning} "
+                         f"({cat.confidence:.2f})")
+    return f"Image {image_number}: " + ("; ".join(parts) if parts else "no findings reported")
+
+
+def for_viewers(group, comment: str):
+    """What a TID 1500 viewer needs beyond the template's required rows (OHIF 3.x as the reference):
+
+    - a Comment (DCM 121106) TEXT item: the label a viewer's measurement panel shows for the group;
+    - the group's region again under its first NUM, as INFERRED FROM (TID 300 allows it): OHIF's
+      "track measurements" reads the geometry of a group from its first NUM's only child, so the NUMs
+      carry no other children (the algorithm identification, TID 4019, is on the group).
+    """
+    items = group[0].ContentSequence
+    region = next(item for item in items if item.ValueType == "SCOORD")
+    first_num = next((item for item in items if item.ValueType == "NUM"), None)
+    if first_num is not None:
+        inferred = copy.deepcopy(region)
+        inferred.RelationshipType = hd.sr.RelationshipTypeValues.INFERRED_FROM.value
+        first_num.ContentSequence = hd.sr.ContentSequence([inferred])
+    items.append(hd.sr.TextContentItem(name=enum.COMMENT, value=comment[:1024],
+                                       relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     return group
 
 
@@ -251,7 +291,7 @@ def not_processed_group(ds: Dataset, result: ImageResult, identity: ResultIdenti
         qualitative_evaluations=[_status_item(enum.STATUS_FAILED)],
     )
     _append_text(group, enum.REASON_NOT_PROCESSED, not_processed_reason(result))
-    return group
+    return for_viewers(group, f"Image {image_number}: not processed: {not_processed_reason(result)}")
 
 
 def not_processed_reason(result: ImageResult) -> str:
@@ -282,8 +322,8 @@ def region_group(ds: Dataset, result: ImageResult, region: Region, number: int, 
     spacing = pixel_spacing_mm(ds)
     if spacing is not None:
         measurements.append(hd.sr.Measurement(name=enum.AREA, value=float(region.area_px) * spacing[0] * spacing[1],
-                                              unit=enum.UNIT_MM2, algorithm_id=algo))
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                                              unit=enum.UNIT_MM2))
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=identity.tracking_uid(sop_uid, f"{region.source}-region-{number}"),
             identifier=f"Image {image_number} {region.source} region {number}"),
@@ -293,6 +333,14 @@ def region_group(ds: Dataset, result: ImageResult, region: Region, number: int, 
         measurements=measurements,
         qualitative_evaluations=evaluations,
     )
+    tag = f"image {image_number}, {'F' if region.source == 'fracture' else 'A'}{number}"
+    if region.source == "fracture" and result.fracture is not None:
+        comment = f"{call_text(result.fracture, overrides)} ({tag})"
+    elif region.source == "fracture":
+        comment = f"{finding_type.meaning}, map score {region.score:.2f} ({tag})"
+    else:
+        comment = f"{enum.ABNORMAL_REGION.meaning}, anomaly score {region.score:.2f} ({tag})"
+    return for_viewers(group, comment)
 
 
 # -- report level -----------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ win over the fallbacks here. The findings' and labels' concepts and the private 
 
 from __future__ import annotations
 
+from highdicom.sr import CodedConcept
 from pydicom.sr.coding import Code
 
 from inference import vocabulary as V
@@ -95,6 +96,8 @@ AREA = Code("42798000", "SCT", "Area")
 REGION_PEAK_SCORE = private("MAPPEAK", "Peak map score in region")
 #: The region's anomaly score: peak of the reconstruction-error map in the region (label-free localisation).
 ANOMALY_SCORE = private("ANOMSCORE", "Abnormal region, anomaly score")
+#: A group's label in viewers (OHIF's measurement panel shows it).
+COMMENT = Code("121106", "DCM", "Comment")
 #: Text of a positive finding that no region localises.
 LOCALISATION = private("LOCALISATION", "Localisation")
 NOT_LOCALISED_TEXT = "not localised"
@@ -105,7 +108,7 @@ NOT_LOCALISED_TEXT = "not localised"
 DECISION_WORDS = {"absent": "absent", "suspected": "suspected", "definite": "definite"}
 
 
-def decision_probability(finding: Code, decision: str) -> Code:
+def decision_probability(finding: Code | CodedConcept, decision: str) -> Code:
     """NUM concept "<finding meaning>, <decision>" for the probability of a binary finding."""
     word = DECISION_WORDS[decision]
     value = f"P-{finding.value}-{word[:3].upper()}"[:16]
