@@ -253,10 +253,10 @@ def render_heatmap(display: np.ndarray, result: ImageResult, model: ModelInfo, t
             colour = enum.ANOMALY
             draw.rectangle(box, outline=colour, width=max(1, line_width // 2))
             tag = f"A{k}"
-        size = int(getattr(tag_font, "size", 12))
-        ty = box[1] - size - 4 if box[1] >= size + 4 else box[3] + 2
-        tx = box[0] + 2 if region.source == "fracture" else max(box[0] + 2, box[2] - 2 * size)
-        draw.text((tx, min(ty, lay.image_height - size - 2)), tag, font=tag_font, fill=colour)
+        tag_px = int(getattr(tag_font, "size", 12))
+        ty = box[1] - tag_px - 4 if box[1] >= tag_px + 4 else box[3] + 2
+        tx = box[0] + 2 if region.source == "fracture" else max(box[0] + 2, box[2] - 2 * tag_px)
+        draw.text((tx, min(ty, lay.image_height - tag_px - 2)), tag, font=tag_font, fill=colour)
 
     # panel: warning, model and findings, legend
     pad = lay.font_size
