@@ -304,12 +304,12 @@ class SrView:
         return [line for line in self.console if line.startswith("[pageerror]")]
 
     def bad_lines(self, patterns: tuple[str, ...] = BAD_CONSOLE_PATTERNS) -> list[str]:
-        """Page errors, and console lines of any level that match one of ``patterns``.
+        """Page errors, every console error, and console lines of any level that match one of ``patterns``.
 
         Any level: OHIF's error boundary reports the TypeError that breaks the viewer at debug level.
         """
         return self.page_errors() + [line for line in self.console if not line.startswith("[pageerror]")
-                                     and any(p in line for p in patterns)]
+                                     and (line.startswith("[error]") or any(p in line for p in patterns))]
 
     def bad_summary(self, patterns: tuple[str, ...] = BAD_CONSOLE_PATTERNS, width: int = 300) -> str:
         """The bad lines, each once with its count, first lines only, without the script locations."""
