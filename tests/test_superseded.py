@@ -216,3 +216,41 @@ def test_note_waits_for_in_flight_old_objects_and_survives_a_restart(nodes, tmp_
         with restarted.index.Session() as s:
             path = s.scalar(select(ResultObject.file_path).where(ResultObject.kind == "rejection"))
         assert str(kos[0].SOPInstanceUID) not in path and path.startswith("results/")
+
+
+def _deliver_all(node: Node) -> None:
+    """Every due delivery marked sent, as the sender records a success (no network)."""
+    q = node.rig.queue
+    for batch in q.due():
+        for it in batch.items:
+            q.mark_sending([it.delivery_id])
+            q.mark_sent(it.delivery_id)
+
+
+def test_a_note_that_never_went_out_is_taken_over_by_the_next_version(nodes):
+    node = nodes([{"ae_title": "REJ", "host": "127.0.0.1", "port": 9, "superseded_results": "reject"}])
+    study_uid = generate_uid()
+    q, cfg, store = node.rig.queue, node.rig.cfg, node.rig.store
+    from dicom_node.rejections import queue_rejection_notes
+
+    v1 = node.record(study_uid, 1, ["REJ"])
+    _deliver_all(node)
+    assert queue_rejection_notes(cfg, q, store) == 0, "nothing superseded yet"
+    v2 = node.record(study_uid, 2, ["REJ"])
+    _deliver_all(node)
+    assert queue_rejection_notes(cfg, q, store) == 1 and queue_rejection_notes(cfg, q, store) == 0
+    assert node.deliveries("rejection") == [("REJ", "rejection", 2, "pending")]
+    # version 3 before the note of version 2 went out: that note is cancelled, and the note of
+    # version 3 lists the objects of v1 and v2
+    node.record(study_uid, 3, ["REJ"])
+    assert node.deliveries("rejection") == [("REJ", "rejection", 2, "cancelled")]
+    _deliver_all(node)
+    [due] = q.rejections_due()
+    assert {it.SOPInstanceUID for it in due.rejected} == set(v1) | set(v2)
+    assert queue_rejection_notes(cfg, q, store) == 1
+    [batch] = q.due()
+    [item] = batch.items
+    doc = pydicom.dcmread(store.abspath(item.file_path))
+    assert kos_references(doc) == set(v1) | set(v2)
+    assert doc.SeriesDescription == "REJECTS AI results v1-v2 superseded by v3" and doc.SeriesNumber == 9903
+    assert node.rig.study(1).state == "results_ready", "the study waits for its note"
