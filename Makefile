@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= config.yaml
 PYTEST_ARGS ?=
 
-.PHONY: run test lint pytest venv bench clean check-config
+.PHONY: run test lint pytest venv bench clean check-config ohif
 
 $(STAMP): setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -30,11 +30,25 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy storage dicom_node
 
-pytest: $(STAMP)
+pytest: $(STAMP) ohif
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The prebuilt OHIF Viewer for the browser test (npm pack @ohif/app into .cache/, once); skipped without npm,
+# and then the browser test says what is missing.
+OHIF_VERSION := 3.13.2
+OHIF_DIST    := .cache/ohif-$(OHIF_VERSION)/dist/index.html
+
+ohif: $(OHIF_DIST)
+
+$(OHIF_DIST):
+	@if command -v npm >/dev/null; then $(PYTHON_FOR_FETCH) -m tests.browser.fetch_ohif --version $(OHIF_VERSION); \
+	else echo "npm not found: the OHIF browser test will fail until Node.js/npm is installed and make ohif is run"; fi
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_receive.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
+
+# the fetch script needs only the standard library: the system python will do when there is no venv yet
+PYTHON_FOR_FETCH = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))

@@ -201,7 +201,11 @@ def cmd_infer(args) -> int:
             if res.processed:
                 parts = [f"{x.name}={x.decision}({x.probability:.2f})" if isinstance(x, BinaryFinding)
                          else f"{x.name}={x.label}({x.confidence:.2f})" for x in res.findings()]
-                print(f"{f}: " + " ".join(parts) + f" regions={len(res.regions)}")
+                shown = res.reported_regions()  # the boxes the SR, captures and presentation states show
+                n_fx = sum(1 for r in shown if r.source == "fracture")
+                unboxed = "".join(f" {x.name}=not-localised" for x in res.not_localised())
+                print(f"{f}: " + " ".join(parts) + f" regions={len(shown)} (fracture={n_fx} "
+                      f"anomaly={len(shown) - n_fx}){unboxed}")
             else:
                 print(f"{f}: not processed: {res.reason}")
     (out / "index.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -68,10 +68,16 @@ class NodeSection(_Section):
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
 
 
+#: what happens at a destination to the objects of a result version that a newer one supersedes:
+#: ``keep`` them, or ``reject`` them with an IHE IOCM rejection note (dicom_node.rejections)
+SupersededResults = Literal["keep", "reject"]
+
+
 class Peer(_Section):
     ae_title: AETitle
     host: Host | None = None
     port: Port | None = None
+    superseded_results: SupersededResults | None = None  # None: sending.superseded_results
 
 
 class StorageSection(_Section):
@@ -108,6 +114,7 @@ class SendingSection(_Section):
     timeout_seconds: Annotated[float, Field(gt=0)] = 30.0  # network / DIMSE timeout of one association
     poll_seconds: Annotated[float, Field(gt=0)] = 1.0  # how often the queue is looked at
     calling_ae_title: AETitle | None = None  # default: node.ae_title
+    superseded_results: SupersededResults = "keep"  # per destination: peers[].superseded_results
 
     def delay(self, attempts: int) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt."""

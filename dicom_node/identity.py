@@ -135,3 +135,12 @@ class ResultIdentity:
 def device_uid(bundle_name: str, weights_sha256: str) -> str:
     """The Device UID of a bundle: derived from its name and weights hash."""
     return derive_uid("device", bundle_name, weights_sha256)
+
+
+def rejection_note_uids(superseding_sr_uid: str, destination: str) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of the rejection note sent to ``destination`` when the
+    result version whose SR is ``superseding_sr_uid`` supersedes what it holds. The SR's UID carries
+    the study, the bundle and the version; the destination is a part because each destination is told
+    about exactly the objects it received."""
+    return (derive_uid("rejection-series", superseding_sr_uid, destination),
+            derive_uid("rejection", superseding_sr_uid, destination))

@@ -31,6 +31,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
 from dicom_node.config import Config, Peer
+from dicom_node.rejections import queue_rejection_notes
 from storage.deliveries import Batch, DeliveryQueue, Item
 from storage.files import InstanceStore
 from storage.models import utcnow
@@ -68,6 +69,8 @@ class Sender:
         self._pass_lock = threading.Lock()  # one pass at a time
         self._stopping = threading.Event()
         self._again = threading.Event()  # woken during a pass: run another one
+        self._rejections_swept = False  # the first pass looks at every study for rejection notes due
+        self._recovered: set[int] = set()  # studies with in-flight deliveries looked at in this pass
         self._scheduler = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -134,8 +137,14 @@ class Sender:
             return self._pass()
 
     def _pass(self) -> int:
+        self._recovered.clear()
         sent = self.recover(now=utcnow())
+        if not self._rejections_swept:
+            self._queue_rejection_notes(None)  # at start-up: the whole index
+        elif self._recovered:
+            self._queue_rejection_notes(set(self._recovered))  # a settled delivery may have been waited for
         unreachable: set[str] = set()  # no association in this pass: its other batches wait for the next
+        delivered: set[int] = set()  # studies with something sent in this pass
         for batch in self.queue.due():  # after the recovery: what it re-queued is due now
             if self._stopping.is_set():
                 break
@@ -144,12 +153,27 @@ class Sender:
             try:
                 n, reachable = self._send_batch(batch)
                 sent += n
+                if n:
+                    delivered.add(batch.study_id)
                 if not reachable:
                     unreachable.add(batch.destination)
             except Exception as exc:  # noqa: BLE001 - one batch must not stop the others
                 log.error("sending study %s to %s failed: %s: %s", batch.StudyInstanceUID, batch.destination,
                           type(exc).__name__, exc)
+        if delivered and self._queue_rejection_notes(delivered):
+            self._again.set()  # send them in the next pass, at once
         return sent
+
+    def _queue_rejection_notes(self, study_ids: set[int] | None) -> int:
+        """Rejection notes for superseded results (:mod:`dicom_node.rejections`); never raises."""
+        try:
+            n = queue_rejection_notes(self.cfg, self.queue, self.store, study_ids)
+        except Exception as exc:  # noqa: BLE001 - tried again after the next delivery or recovery
+            log.error("rejection notes not queued: %s: %s", type(exc).__name__, exc)
+            return 0
+        if study_ids is None:
+            self._rejections_swept = True
+        return n
 
     # -- peers -------------------------------------------------------------------
     def _peer(self, dest: str) -> tuple[Peer | None, str | None]:
@@ -321,6 +345,7 @@ class Sender:
         items = self.queue.in_flight(now=now or utcnow())
         if not items:
             return 0
+        self._recovered.update(it.study_id for it in items)
         by_dest: dict[str, list[Item]] = defaultdict(list)
         for it in items:
             by_dest[it.destination].append(it)

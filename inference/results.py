@@ -11,6 +11,7 @@ y the row, (0, 0) the top-left corner of the top-left pixel, boxes are
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -142,6 +143,19 @@ class Region:
                 "area_px": int(self.area_px), "source": self.source}
 
 
+def _box_inside(box: tuple[float, float, float, float], rows: int, columns: int) -> bool:
+    """Whether ``box`` (x0, y0, x1, y1) keeps a part of non-zero area inside a ``columns`` x ``rows`` image."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        return False
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        return False
+    x0, x1 = max(0.0, min(x0, x1)), min(float(columns), max(x0, x1))
+    y0, y1 = max(0.0, min(y0, y1)), min(float(rows), max(y0, y1))
+    return x1 > x0 and y1 > y0
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """Identity of the model that produced a result (from the bundle)."""
@@ -186,6 +200,24 @@ class ImageResult:
         # one line: decoders' messages span several, and reports and captures show it in one
         return cls(image_id=image_id, rows=rows, columns=columns, processed=False, reason=" ".join(reason.split()))
 
+    def reported_regions(self) -> tuple[Region, ...]:
+        """The regions every report of this image shows (SR, captures, presentation states, summary):
+        the fracture boxes while the fracture call is suspected or definite, then the anomaly regions;
+        a box with no part inside the image is left out."""
+        if not self.processed:
+            return ()
+        positive = self.fracture is not None and self.fracture.decision != "absent"
+        regions = (self.fracture_regions if positive else ()) + tuple(self.regions)
+        return tuple(r for r in regions if _box_inside(r.box, self.rows, self.columns))
+
+    def not_localised(self) -> list[BinaryFinding]:
+        """Positive binary findings (suspected or definite) that no reported region localises."""
+        if not self.processed:
+            return []
+        boxed = {r.source for r in self.reported_regions()}
+        return [f for f in (self.fracture, self.tumour)
+                if f is not None and f.decision != "absent" and f.name not in boxed]
+
     def findings(self) -> list[BinaryFinding | CategoricalFinding]:
         return [f for f in (self.fracture, self.tumour, self.kl_grade, self.anatomy, self.view) if f is not None]
 
@@ -199,4 +231,5 @@ class ImageResult:
             "findings": {f.name: f.to_json() for f in self.findings()},
             "regions": [r.to_json() for r in self.regions],
             "fracture_regions": [r.to_json() for r in self.fracture_regions],
+            "not_localised": [f.name for f in self.not_localised()],
         }

@@ -24,6 +24,12 @@ alone): every non-cancelled delivery of its current result version ``sent``
 (``state_reason`` names the destination and the error); otherwise
 ``results_ready``. The move itself is :mod:`storage.states`'s.
 
+Rejection notes (``kind`` :data:`REJECTION`): where a destination should have the objects of a
+superseded result version removed, :meth:`DeliveryQueue.rejections_due` names, per study and
+destination, the older objects delivered there once the current version is delivered there too,
+and :meth:`DeliveryQueue.queue_rejection` records the note (made by the application) as a result
+object of the current version with one pending delivery: the same queue sends it.
+
 A delivery is *undelivered* while ``pending``, ``sending`` or ``dead``
 (:func:`undelivered`, the one definition: retention keeps such a study).
 
@@ -55,6 +61,9 @@ DELIVERY_STATES = tuple(s.value for s in DeliveryState)
 #: not (yet) delivered: waiting, possibly on the wire, or parked as a dead letter
 UNDELIVERED = (PENDING, SENDING, DEAD)
 
+#: ``ResultObject.kind`` of a rejection note: it names older objects that a destination should remove
+REJECTION = "rejection"
+
 #: the study states this module moves between; any other state (receiving, stable, inferring, ...) is left alone
 _DELIVERY_STUDY_STATES = (StudyState.RESULTS_READY.value, StudyState.SENT.value, StudyState.FAILED.value)
 _MAX_ERROR = 2000
@@ -69,7 +78,7 @@ class Item:
     study_id: int
     StudyInstanceUID: str
     destination: str
-    kind: str  # "sr" | "heatmap" | "summary" | "gsps"
+    kind: str  # "sr" | "heatmap" | "summary" | "gsps" | "rejection"
     result_version: int
     SOPClassUID: str
     SOPInstanceUID: str
@@ -96,6 +105,22 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+@dataclass(frozen=True)
+class RejectionDue:
+    """A rejection note to make: ``destination`` holds ``rejected`` (delivered objects of result
+    versions older than ``result_version``, not yet rejected there) and every object of
+    ``result_version`` routed to it is delivered. ``superseding_sr_uid`` is the SOP Instance UID of
+    the SR of ``result_version`` (the note's UIDs derive from it)."""
+
+    study_id: int
+    StudyInstanceUID: str
+    destination: str
+    result_version: int
+    generation: int
+    superseding_sr_uid: str
+    rejected: tuple[Item, ...]
 
 
 def _sort_key(item: Item) -> tuple:
@@ -284,6 +309,89 @@ class DeliveryQueue:
                                                   .values(state=PENDING, attempts=0, next_attempt_at=now))).rowcount
             self._refresh_studies(s, {r[1] for r in rows}, now)
         return n
+
+    # -- rejection notes --------------------------------------------------------
+    def rejections_due(self, study_ids: Iterable[int] | None = None) -> list[RejectionDue]:
+        """The rejection notes to make now (of studies ``study_ids``, or all).
+
+        One per study and destination where: objects of superseded versions were delivered
+        (``sent``) there and no rejection note delivered there covers them (a note of version M
+        rejects the objects of the versions before M); every non-cancelled object of the study's
+        current version routed there is ``sent`` (the new version first: a note never goes out
+        before it, and none goes where the new version does not); no delivery of a superseded
+        object is still ``sending`` there (its outcome is settled first); and no note of the
+        current version was made for it yet. Undelivered objects of older versions were cancelled
+        when they were superseded: they are never in a note.
+        """
+        which = () if study_ids is None else (Delivery.study_id.in_(list(study_ids)),)
+        out: list[RejectionDue] = []
+        with self.db.read() as s:
+            pairs = s.execute(select(Delivery.study_id, Delivery.destination).distinct()
+                              .join(ResultObject, ResultObject.id == Delivery.result_id)
+                              .where(Delivery.state == SENT, ResultObject.superseded.is_(True),
+                                     ResultObject.kind != REJECTION, *which)
+                              .order_by(Delivery.study_id, Delivery.destination)).all()
+            for sid, dest in pairs:
+                study = s.execute(select(Study.StudyInstanceUID, Study.result_version, Study.generation)
+                                  .where(Study.id == sid)).one_or_none()
+                if study is None or not study[1]:
+                    continue
+                uid, version, generation = study
+                rows = s.execute(select(Delivery.state, ResultObject.kind, ResultObject.superseded,
+                                        ResultObject.result_version)
+                                 .join(ResultObject, ResultObject.id == Delivery.result_id)
+                                 .where(Delivery.study_id == sid, Delivery.destination == dest)).all()
+                current = [st for st, kind, sup, rv in rows
+                           if rv == version and not sup and kind != REJECTION and st != CANCELLED]
+                if not current or any(st != SENT for st in current):
+                    continue  # the new version is not (yet) delivered there, or does not go there
+                if any(sup and st == SENDING for st, _kind, sup, _rv in rows):
+                    continue  # an older object may still be on its way: settled first
+                if any(kind == REJECTION and rv == version for _st, kind, _sup, rv in rows):
+                    continue  # made already
+                covered = max((rv for st, kind, _sup, rv in rows if kind == REJECTION and st == SENT), default=0)
+                sr_uid = s.scalar(select(ResultObject.SOPInstanceUID)
+                                  .where(ResultObject.study_id == sid, ResultObject.result_version == version,
+                                         ResultObject.kind == "sr"))
+                if sr_uid is None:
+                    continue
+                items = s.execute(_items_query().where(
+                    Delivery.study_id == sid, Delivery.destination == dest, Delivery.state == SENT,
+                    ResultObject.superseded.is_(True), ResultObject.kind != REJECTION,
+                    ResultObject.result_version >= covered, ResultObject.result_version < version)
+                    .order_by(ResultObject.result_version, ResultObject.id)).all()
+                if items:
+                    out.append(RejectionDue(sid, uid, dest, version, generation, sr_uid,
+                                            tuple(_item(r) for r in items)))
+        return out
+
+    def queue_rejection(self, due: RejectionDue, *, SOPInstanceUID: str, SOPClassUID: str,
+                        SeriesInstanceUID: str, TransferSyntaxUID: str, file_path: str, file_size: int,
+                        now: dt.datetime | None = None) -> bool:
+        """Record a rejection note (its file already in the store) as a result object of
+        ``due.result_version`` with one pending delivery to ``due.destination``, due now.
+
+        Records nothing and returns False when the study has another result version by now, or
+        the note is recorded already (its SOP Instance UID is known).
+        """
+        now = now or utcnow()
+        with self.db.write() as s:
+            version = s.scalar(select(Study.result_version).where(Study.id == due.study_id))
+            if version != due.result_version:
+                return False
+            if s.scalar(select(ResultObject.id).where(ResultObject.SOPInstanceUID == SOPInstanceUID)) is not None:
+                return False
+            obj = ResultObject(study_id=due.study_id, result_version=due.result_version, generation=due.generation,
+                               kind=REJECTION, SOPInstanceUID=SOPInstanceUID, SOPClassUID=SOPClassUID,
+                               SeriesInstanceUID=SeriesInstanceUID, TransferSyntaxUID=TransferSyntaxUID,
+                               file_path=file_path, file_size=file_size, created_at=now, superseded=False)
+            s.add(obj)
+            s.flush()
+            s.add(Delivery(result_id=obj.id, study_id=due.study_id, destination=due.destination, state=PENDING,
+                           attempts=0, next_attempt_at=now, created_at=now))
+            s.flush()
+            self._refresh_studies(s, [due.study_id], now)
+        return True
 
     # -- study state -----------------------------------------------------------
     @staticmethod

@@ -71,11 +71,23 @@ def require(program: str) -> str:
     return path
 
 
+#: where Debian's orthanc-dicomweb package puts the plugin (the first that exists is used)
+DICOMWEB_PLUGIN_PATHS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so")
+
+
+def dicomweb_plugin() -> Path | None:
+    """Orthanc's DICOMweb plugin, or None when it is not installed (Debian: orthanc-dicomweb)."""
+    candidates = [Path(p) for p in DICOMWEB_PLUGIN_PATHS]
+    candidates += sorted(Path("/usr/lib/orthanc").glob("libOrthancDicomWeb.so*"))
+    return next((p for p in candidates if p.is_file()), None)
+
+
 @dataclass
 class Orthanc:
     """An Orthanc server in ``workdir`` with DICOM on ``dicom_port`` and REST on ``http_port``.
 
-    ``modalities`` maps Orthanc's modality id to (AE title, host, port).
+    ``modalities`` maps Orthanc's modality id to (AE title, host, port). ``dicomweb`` loads the
+    DICOMweb plugin: QIDO-RS/WADO-RS/STOW-RS under ``/dicom-web/`` and WADO-URI at ``/wado``.
     """
 
     workdir: Path
@@ -84,6 +96,7 @@ class Orthanc:
     dicom_port: int = 0
     http_port: int = 0
     proc: subprocess.Popen | None = None
+    dicomweb: bool = False
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
@@ -106,7 +119,7 @@ class Orthanc:
             "DicomCheckCalledAet": False,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
-            "Plugins": [],
+            "Plugins": [str(self._dicomweb_plugin())] if self.dicomweb else [],
             "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
             "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True,
@@ -116,9 +129,19 @@ class Orthanc:
             "SaveJobs": False,
             "StorageCompression": False,
         }
+        if self.dicomweb:
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
+                               "Ssl": False, "StudiesMetadata": "Full", "SeriesMetadata": "Full"}
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(cfg, indent=2))
         return path
+
+    @staticmethod
+    def _dicomweb_plugin() -> Path:
+        plugin = dicomweb_plugin()
+        if plugin is None:
+            raise RuntimeError("Orthanc's DICOMweb plugin is not installed: .ci/run installs orthanc-dicomweb")
+        return plugin
 
     def start(self) -> Orthanc:
         exe = require("Orthanc")

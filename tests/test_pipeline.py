@@ -12,11 +12,12 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.dicomgen import copy_with_new_uids, fracatlas_images, pydicom_radiographs, write_dx_study
-from tests.peers import Orthanc, dciodvfy, echoscu, free_port, storescu
+from tests.peers import Orthanc, Storescp, dciodvfy, echoscu, free_port, storescu, wait_until
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 PR_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"  # Grayscale Softcopy Presentation State
+KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document (IOCM rejection note)
 
 FAST_SENDING = {"base_delay_seconds": 0.5, "multiplier": 2, "max_delay_seconds": 2, "max_attempts": 100,
                 "timeout_seconds": 10, "poll_seconds": 0.3}
@@ -78,7 +79,10 @@ def test_orthanc_study_in_results_back_then_late_image_supersedes(make_node, tmp
     node_port = free_port()
     with Orthanc(tmp_path / "orthanc", aet="PACS", modalities={"msknode": ("MSKNODE", "127.0.0.1", node_port)}) \
             as pacs:
-        node = pipeline_node(make_node, pacs.dicom_port, port=node_port)
+        # Orthanc has no IOCM: the rejection note is stored like any instance and v1 stays (docs/operations.md)
+        node = pipeline_node(make_node, pacs.dicom_port, port=node_port,
+                             peers=[{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port,
+                                     "superseded_results": "reject"}])
         files = study_files(tmp_path / "study")
         study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
         sources = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
@@ -112,6 +116,30 @@ def test_orthanc_study_in_results_back_then_late_image_supersedes(make_node, tmp
         pred = ds.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
         assert pred.ReferencedSOPInstanceUID == got["sr"][0]["SOPInstanceUID"]
         assert len(sr_evidence(pacs, new_sr)) >= len(sources) + 1
+
+        # superseded_results: reject -> after v2, a rejection note listing exactly the v1 objects
+        v1 = {i["SOPInstanceUID"] for i in got["sr"] + got["sc"]}
+        kos = wait_until(lambda: [i for i in orthanc_instances(pacs, study_uid) if i["SOPClassUID"] == KOS_CLASS],
+                         timeout=60, what="the rejection note at Orthanc", interval=0.5)
+        assert len(kos) == 1
+        check_valid(pacs, kos, tmp_path)
+        note = pydicom.dcmread(io.BytesIO(pacs.get_bytes(f"/instances/{kos[0]['_id']}/file")))
+        title = note.ConceptNameCodeSequence[0]
+        assert (title.CodeValue, title.CodingSchemeDesignator) == ("113001", "DCM")
+        assert sr_evidence(pacs, kos[0]) == v1
+        assert note.SeriesDescription == "REJECTS AI results v1 superseded by v2"
+        # Orthanc does not implement IOCM: every v1 object is still there, beside v2 and the note
+        got3 = results_at(pacs, study_uid)
+        assert v1 <= {i["SOPInstanceUID"] for i in got3["sr"] + got3["sc"]}
+        assert len(got3["sr"]) == 2 and len(got3["sc"]) == 2 * (len(files) + 1) + 1
+        # what docs/operations.md tells its administrator: delete the series the note lists (REST)
+        for series_uid in {s.SeriesInstanceUID for st in note.CurrentRequestedProcedureEvidenceSequence
+                           for s in st.ReferencedSeriesSequence}:
+            for orthanc_id in pacs.post("/tools/find", {"Level": "Series",
+                                                        "Query": {"SeriesInstanceUID": series_uid}}):
+                pacs.delete(f"/series/{orthanc_id}")
+        left = {i["SOPInstanceUID"] for i in orthanc_instances(pacs, study_uid)}
+        assert not (left & v1) and new_sr["SOPInstanceUID"] in left and sources <= left
 
 
 def _jobs(node) -> list[dict]:
@@ -272,3 +300,50 @@ def test_dead_letter_retry_and_retention_keeps_undelivered(make_node, tmp_path):
             assert sorted(down.counts().values()) == [1] * 6
     finally:
         up.stop()
+
+
+@pytest.mark.slow
+def test_late_image_rejection_note_to_storescp_after_the_new_version(make_node, tmp_path):
+    """superseded_results: the origin (reject) gets v2, then one rejection note listing exactly the v1
+    objects it received; another destination (keep, the default) gets v2 and no note."""
+    with Storescp(tmp_path / "origin") as origin, Storescp(tmp_path / "archive") as archive:
+        both = ["origin", "ARCHIVE"]
+        node = pipeline_node(make_node, origin.port,
+                             peers=[{"ae_title": "STORESCU", "host": "127.0.0.1", "port": origin.port,
+                                     "superseded_results": "reject"},
+                                    {"ae_title": "ARCHIVE", "host": "127.0.0.1", "port": archive.port}],
+                             routing={"default": {"name": "default", "outputs": {"sr": both, "heatmaps": both,
+                                                                                   "summary": both, "gsps": both}}})
+        files = study_files(tmp_path / "study", n_dx=1)
+        study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        assert storescu("127.0.0.1", node.port, files).returncode == 0
+        node.wait_for(lambda: _jobs(node)[0]["state"] == "sent", timeout=240, interval=1, what="v1 sent")
+        v1 = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in origin.files()}
+        assert len(v1) == 2 * len(files) + 2 and len(archive.files()) == len(v1)  # a heatmap and a PR per image
+
+        late = write_dx_study(tmp_path / "late", fracatlas_images(1, offset=10), like=files[0])
+        assert storescu("127.0.0.1", node.port, late).returncode == 0
+        node.wait_for(lambda: len(origin.files()) == 2 * len(v1) + 3, timeout=240, interval=1,
+                      what="v2 and the rejection note at the origin")
+        node.wait_for(lambda: _jobs(node)[0]["state"] == "sent" and _jobs(node)[0]["result_version"] == 2,
+                      timeout=60, interval=1, what="v2 sent")
+        arrived = [pydicom.dcmread(f) for f in sorted(origin.files(), key=lambda p: p.stat().st_mtime_ns)]
+        v2 = arrived[len(v1):-1]
+        assert {str(d.SOPInstanceUID) for d in arrived[:len(v1)]} == v1
+        assert len(v2) == len(v1) + 2 and not ({str(d.SOPInstanceUID) for d in v2} & v1)  # the late image's two
+        assert all(d.SOPClassUID != KOS_CLASS for d in arrived[:-1]), "the note comes after the new version"
+        note = arrived[-1]
+        assert note.SOPClassUID == KOS_CLASS and note.StudyInstanceUID == study_uid
+        refs = {str(i.ReferencedSOPInstanceUID) for st in note.CurrentRequestedProcedureEvidenceSequence
+                for se in st.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
+        assert refs == v1
+        r = dciodvfy(sorted(origin.files(), key=lambda p: p.stat().st_mtime_ns)[-1])
+        assert r.returncode == 0 and not [x for x in r.stderr.splitlines() if x.startswith("Error")], r.stderr
+        import highdicom as hd
+
+        assert hd.ko.KeyObjectSelectionDocument.from_dataset(note).SeriesDescription == \
+            "REJECTS AI results v1 superseded by v2"
+        # the archive keeps superseded results: v2 arrived, no note
+        node.wait_for(lambda: len(archive.files()) == 2 * len(v1) + 2, timeout=60, what="v2 at the archive")
+        assert all(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID != KOS_CLASS for f in archive.files())
+        assert f"rejection note queued for {len(v1)} object(s) of v1" in node.log()

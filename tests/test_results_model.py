@@ -27,18 +27,19 @@ def _code(c) -> tuple[str, str]:
 
 def _check_round_trip(sr_path, sources, results, card):
     """The SR read back with highdicom carries each result's findings with the card's codes."""
-    sr = hd.sr.srread(sr_path)
-    report = hd.sr.MeasurementReport.from_sequence(sr.content)
+    from dicom_node.sr.sop import read_sr
+
+    hd.sr.srread(sr_path)  # highdicom reads it as an SR
+    read = {i.source_sop_instance_uid: i for i in read_sr(pydicom.dcmread(sr_path)).images}
     concepts = card_concepts(card)
     for src, res in zip(sources, results):
-        groups = report.get_image_measurement_groups(referenced_sop_instance_uid=str(src.SOPInstanceUID))
-        assert len(groups) == 1
-        evals = {_code(e.name): _code(e.value) for e in groups[0].get_qualitative_evaluations()}
-        meas = {_code(m.name): float(m.value) for m in groups[0].get_measurements()}
+        img = read[str(src.SOPInstanceUID)]
+        evals = {_code(k): _code(v) for k, v in img.evaluations.items()}
+        meas = {_code(k): v for k, v in img.probabilities.items()}
         if not res.processed:
-            assert evals[_code(enum.PROCESSING_STATUS)] == _code(enum.STATUS_FAILED)
+            assert _code(img.status) == _code(enum.STATUS_FAILED)
             continue
-        assert evals[_code(enum.PROCESSING_STATUS)] == _code(enum.STATUS_SUCCEEDED)
+        assert _code(img.status) == _code(enum.STATUS_SUCCEEDED)
         for f in (res.fracture, res.tumour):
             if f is None:
                 continue
@@ -53,8 +54,7 @@ def _check_round_trip(sr_path, sources, results, card):
             assert evals[_code(question)] == _code(f.concept)
             for c, p in zip(f.concepts, f.probabilities):
                 assert meas[_code(c)] == pytest.approx(p, abs=1e-6)
-        rois = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=str(src.SOPInstanceUID))
-        assert len(rois) == len(res.regions) + len(res.fracture_regions)
+        assert len(img.regions) == len(res.reported_regions())
 
 
 @pytest.mark.slow

@@ -140,7 +140,8 @@ def test_boxes_are_the_results_boxes_solid_definite_dotted_suspected(dx):
         graphics = ann[enum.LAYER_REGIONS].GraphicObjectSequence
         assert len(graphics) == 1 and graphics[0].GraphicAnnotationUnits == "PIXEL"
         np.testing.assert_allclose(_points(graphics[0]), src.box_polyline(region.box, rows, columns))
-        assert prc.region_label(region) in texts
+        assert prc.region_label(region, 1) == f"A1: Abnormal region, score {region.score:.2f}" and \
+            prc.region_label(region, 1) in texts
         decision = result.fracture.decision
         seen.add(decision)
         if decision == "absent":
@@ -164,9 +165,9 @@ def test_boxes_are_the_results_boxes_solid_definite_dotted_suspected(dx):
             drawn = sum(float(np.hypot(*(_points(o)[1] - _points(o)[0]))) for o in objects)
             perimeter = 2 * ((x1 - x0) + (y1 - y0))
             assert 0.4 * perimeter < drawn < 0.65 * perimeter
-        label = f"Fracture, {decision}, p = {result.fracture.probability:.2f}"
+        label = f"F1: Fracture, {decision}, p = {result.fracture.probability:.2f}"
         assert label in texts
-        assert not any(enum.NOT_LOCALISED in t for t in texts)
+        assert not any("not localised" in t for t in texts)
     assert seen == {"absent", "suspected", "definite"}
 
 
@@ -182,7 +183,8 @@ def test_positive_decision_without_a_box_says_not_localised(tmp_path):
     (pr,) = objs.presentation_states
     assert set(_annotations(pr)) == {enum.LAYER_TEXT}
     texts = _texts(pr)
-    assert "Fracture definite: not localised" in texts and "Tumour suspected: not localised" in texts
+    assert "Fracture: DEFINITE (p=0.95, not localised)" in texts
+    assert "Tumour: SUSPECTED (p=0.40, not localised)" in texts
     assert (0x6000, 0x3000) not in pr  # no box, no overlay (Overlay Data)
     for p in write_result_objects(objs, tmp_path / "out"):
         if p.name.startswith("gsps_"):
@@ -355,7 +357,7 @@ def test_boxes_are_clipped_to_the_image_and_a_box_outside_is_left_out(tmp_path):
     (pr,) = objs.presentation_states
     ann = _annotations(pr)
     assert enum.LAYER_FRACTURE not in ann  # its only box lies outside the image: not localised
-    assert "Fracture definite: not localised" in _texts(pr)
+    assert "Fracture: DEFINITE (p=0.90, not localised)" in _texts(pr)
     (box,) = ann[enum.LAYER_REGIONS].GraphicObjectSequence
     np.testing.assert_allclose(_points(box), [[0, 0], [50, 0], [50, 60], [0, 60], [0, 0]])
     assert list(pr[0x6000, 0x0050].value) == [1, 1] and pr[0x6000, 0x0010].value == 60  # overlay: the box's part

@@ -103,9 +103,9 @@ def test_heatmap_pixels(study, request):
         is_grey = (img[..., 0] == img[..., 1]) & (img[..., 1] == img[..., 2])
         # keep away from boxes and the map's edge
         low = heat_small < 0.5 * enum.MAP_FLOOR
-        for reg in res.fracture_regions:
+        for reg in res.reported_regions():  # the boxes and their tags (above or below a box)
             x0, y0, x1, y1 = (int(v * scale) for v in reg.box)
-            low[max(0, y0 - 8):y1 + 8, max(0, x0 - 8):x1 + 8] = False
+            low[max(0, y0 - 48):y1 + 48, max(0, x0 - 8):x1 + 8] = False
         assert low.sum() > 1000, "the test map has no low region"
         assert is_grey[low].all()
         assert np.array_equal(grey[low], expected[low].astype(int))
@@ -125,6 +125,14 @@ def test_heatmap_pixels(study, request):
                 assert edge.mean() > 0.95, edge.mean()
             else:
                 assert 0.3 < edge.mean() < 0.7, edge.mean()  # dotted
+        # anomaly regions: drawn in their own colour, tagged A1, A2, ... as the SR numbers them
+        anomaly = np.array(enum.ANOMALY)
+        for reg in res.reported_regions():
+            if reg.source != "anomaly":
+                continue
+            x0, y0, x1, y1 = (int(v * scale) for v in reg.box)
+            near = img[max(0, y0 - 40):y1 + 40, max(0, x0 - 4):x1 + 4]
+            assert (near == anomaly).all(axis=-1).sum() > 20
         if decision == "absent":
             assert res.fracture_regions == ()
             for c in (enum.DEFINITE, enum.SUSPECTED):
@@ -192,3 +200,37 @@ def test_large_and_small_images(tmp_path):
             assert long_side >= enum.MIN_SIDE
         for p in paths:
             validate(p)
+
+
+def test_captures_and_summary_show_the_regions_the_sr_reports(tmp_path):
+    """One rule for every report (ImageResult.reported_regions): the SR's region groups, the boxes on the
+    heatmap and the summary's Regions column agree, and a positive call without a box says "not localised"."""
+    from dataclasses import replace
+
+    from dicom_node.sr.sop import read_sr
+    from inference.results import Region
+
+    sources = dx_study(tmp_path, n=3, offset=6)
+    results = make_results(sources)
+    boxed = next(r for r in results if r.fracture.decision == "definite")
+    # a definite call without a fracture box, and one with a box that lies outside the image
+    outside = Region(box=(-50.0, -50.0, -10.0, -10.0), score=0.9, area_px=100, source="fracture")
+    unboxed = replace(boxed, fracture_regions=(outside,), regions=())
+    results = [unboxed if r is boxed else r for r in results]
+    objs = build_result_objects(sources, results, MODEL)
+    read = {i.source_sop_instance_uid: i for i in read_sr(objs.sr).images}
+    rows = scc.summary_rows(results, [str(i) for i in range(len(results))])
+    for src, res, row in zip(sources, results, rows):
+        sr_regions = read[str(src.SOPInstanceUID)].regions
+        assert len(sr_regions) == len(res.reported_regions())
+        assert row[7][0].split()[0] == str(len(sr_regions))
+    assert unboxed.reported_regions() == ()
+    assert unboxed.not_localised() == [unboxed.fracture]
+    assert "not localised" in scc.findings_line(unboxed)
+    assert rows[results.index(unboxed)][7][0] == "0 not localised"
+    assert read[str(sources[results.index(unboxed)].SOPInstanceUID)].not_localised == [
+        "Fracture of bone: not localised"]
+    # the heatmap of the unboxed image has no fracture box colour on the image part
+    h = _heatmap_for(objs, sources[results.index(unboxed)])
+    img, _ = _image_part(h, sources[results.index(unboxed)])
+    assert not (img == np.array(enum.DEFINITE)).all(axis=-1).any()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC
+
 import highdicom as hd
 import pydicom
 import pytest
@@ -10,6 +12,7 @@ from dicom_node.errors import EncodingError
 from dicom_node.identity import ResultIdentity, derive_uid, device_uid
 from dicom_node.results_dicom import build_result_objects, predecessor_reference, write_result_objects
 from dicom_node.sr import enum
+from dicom_node.sr.content import polyline_box
 from dicom_node.sr.sop import read_sr
 from inference.results import CodedConcept, ImageResult, ModelInfo
 from tests.test_results_support import (
@@ -65,13 +68,31 @@ def test_sr_reads_back_with_the_same_findings(study, request):
     report = hd.sr.MeasurementReport.from_sequence(sr.content)
 
     ident = objs.identity
+    groups = report.get_planar_roi_measurement_groups()
+    # what OHIF needs (it fails the whole report otherwise): every measurement group has an SCOORD on an image
+    assert not report.get_image_measurement_groups()
+    for g in groups:
+        assert g.roi is not None and g.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        items = list(g[0].ContentSequence)
+        # OHIF's "track measurements": the label is the group's Comment, the geometry the first NUM's only child
+        comments = [i.TextValue for i in items if i.ValueType == "TEXT"
+                    and i.ConceptNameCodeSequence[0].CodeValue == enum.COMMENT.value]
+        assert len(comments) == 1 and (comments[0].startswith("Image ") or "(image " in comments[0])
+        nums = [i for i in items if i.ValueType == "NUM"]
+        if nums:
+            (inferred,) = nums[0].ContentSequence
+            assert inferred.ValueType == "SCOORD" and inferred.RelationshipType == "INFERRED FROM"
+            assert list(inferred.GraphicData) == list(g.roi.GraphicData)
+            assert all("ContentSequence" not in n for n in nums[1:])
     for src, res in zip(sources, results):
         uid = str(src.SOPInstanceUID)
-        groups = report.get_image_measurement_groups(referenced_sop_instance_uid=uid)
-        assert len(groups) == 1, uid
-        g = groups[0]
+        mine = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=uid)
+        image_groups = [g for g in mine if _code(g.finding_type) == _code(enum.IMAGE_FINDINGS)]
+        assert len(image_groups) == 1, uid
+        g = image_groups[0]
         assert g.tracking_uid == ident.tracking_uid(uid, "image")
-        assert _code(g.finding_type) == _code(enum.IMAGE_FINDINGS)
+        # the image-level findings sit on the whole image
+        assert polyline_box(g.roi.value) == (0.0, 0.0, float(src.Columns), float(src.Rows))
         evals = {_code(e.name): e.value for e in g.get_qualitative_evaluations()}
         meas = {_code(m.name): m for m in g.get_measurements()}
         if not res.processed:
@@ -80,14 +101,20 @@ def test_sr_reads_back_with_the_same_findings(study, request):
                      and i.ConceptNameCodeSequence[0].CodeValue == enum.REASON_NOT_PROCESSED.value]
             assert texts == [res.reason]
             assert not meas
-            assert not report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=uid)
+            assert mine == image_groups  # no regions on an image that was not processed
             continue
         assert _code(evals[_code(enum.PROCESSING_STATUS)]) == _code(enum.STATUS_SUCCEEDED)
-        # binary findings: decision as a code, probability as a number
+        # binary findings: decision as a code; the probability as a NUM named by the finding and the call,
+        # in percent, so that a viewer's label reads "Fracture of bone, definite: 72.00 %"
+        names = [m.name.meaning for m in g.get_measurements()]
         for f, concept in ((res.fracture, enum.FRACTURE), (res.tumour, enum.BONE_NEOPLASM)):
             assert _code(evals[_code(concept)]) == _code(enum.DECISION_CODES[f.decision])
-            assert meas[_code(concept)].value == pytest.approx(f.probability)
-            assert _code(meas[_code(concept)].unit) == _code(enum.UNIT_PROBABILITY)
+            call = enum.decision_probability(concept, f.decision)
+            assert call.meaning == f"{concept.meaning}, {f.decision}"
+            assert meas[_code(call)].value == pytest.approx(100 * f.probability)
+            assert _code(meas[_code(call)].unit) == _code(enum.UNIT_PERCENT)
+        assert names[:2] == [enum.decision_probability(enum.FRACTURE, res.fracture.decision).meaning,
+                             enum.decision_probability(enum.BONE_NEOPLASM, res.tumour.decision).meaning]
         # categorical findings: the label's concept, and the probability of every label
         for f, concept in ((res.anatomy, enum.ANATOMY), (res.view, enum.VIEW), (res.kl_grade, enum.KL_GRADE)):
             if f is None:
@@ -96,27 +123,43 @@ def test_sr_reads_back_with_the_same_findings(study, request):
             label_code = enum.LABEL_CONCEPTS[f.name][f.label]
             assert _code(evals[_code(concept)]) == _code(label_code)
             for label, p in zip(f.labels, f.probabilities):
-                assert meas[_code(enum.LABEL_CONCEPTS[f.name][label])].value == pytest.approx(p)
+                assert meas[_code(enum.LABEL_CONCEPTS[f.name][label])].value == pytest.approx(100 * p)
         if res.kl_grade is not None:
             oa = "definite" if int(res.kl_grade.label) >= 2 else "absent"
             assert _code(evals[_code(enum.KNEE_OSTEOARTHRITIS)]) == _code(enum.DECISION_CODES[oa])
         # algorithm identification with the thresholds as parameters
         read = read_sr(ds)
         img = next(i for i in read.images if i.source_sop_instance_uid == uid)
+        assert {_code(k): v for k, v in img.probabilities.items()}[_code(enum.FRACTURE)] == pytest.approx(
+            res.fracture.probability)
         name, version, params = img.algorithm
         assert (name, version) == (MODEL.name, MODEL.version)
         assert "fracture.suspected=0.3" in params and "fracture.definite=0.7" in params
         assert "tumour.suspected=0.2" in params and "tumour.definite=0.6" in params
-        # regions: SCOORD boxes on the source image with their scores
-        rois = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=uid)
-        assert len(rois) == len(res.regions) + len(res.fracture_regions)
+        # regions: SCOORD boxes on the source image with their scores: exactly the reported regions
+        rois = [r for r in mine if r not in image_groups]
+        assert len(rois) == len(res.reported_regions())
         got = sorted((r.box, r.peak_score, _code(r.finding_type)) for r in img.regions)
-        want = sorted([(reg.box, pytest.approx(reg.score), _code(enum.ABNORMAL_REGION)) for reg in res.regions]
-                      + [(reg.box, pytest.approx(reg.score), _code(enum.FRACTURE)) for reg in res.fracture_regions])
+        want = sorted((reg.box, pytest.approx(reg.score),
+                       _code(enum.ABNORMAL_REGION if reg.source == "anomaly" else enum.FRACTURE))
+                      for reg in res.reported_regions())
         assert got == want
         for roi in rois:
-            assert roi.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
             assert roi.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPClassUID == src.SOPClassUID
+            first = roi.get_measurements()[0]
+            comment = next(i.TextValue for i in roi[0].ContentSequence if i.ValueType == "TEXT"
+                           and i.ConceptNameCodeSequence[0].CodeValue == enum.COMMENT.value)
+            if _code(roi.finding_type) == _code(enum.FRACTURE):  # the line a viewer shows first: the call
+                assert first.name.meaning == f"{enum.FRACTURE.meaning}, {res.fracture.decision}"
+                assert first.value == pytest.approx(100 * res.fracture.probability)
+                assert comment.startswith(f"Fracture of bone, {res.fracture.decision}, "
+                                          f"p = {res.fracture.probability:.2f} (image ")
+            else:
+                assert _code(first.name) == _code(enum.ANOMALY_SCORE)
+            assert _code(first.unit) == _code(enum.UNIT_PERCENT)
+        # a positive call with no box says so
+        assert img.not_localised == [f"{enum.FRACTURE.meaning if f.name == 'fracture' else enum.BONE_NEOPLASM.meaning}"
+                                     f": not localised" for f in res.not_localised()]
 
 
 @pytest.mark.parametrize("study", ["cr", "dx"])
@@ -217,6 +260,40 @@ def test_uids_are_deterministic_and_versions_supersede(cr, tmp_path):
     assert v_other.sr.DeviceUID != objs.sr.DeviceUID
     # tracking UIDs of a finding are stable across result versions of one bundle
     assert read_sr(v2.sr).images[0].tracking_uid == read_sr(objs.sr).images[0].tracking_uid
+    # where a radiologist looks: the series description names the version and what it supersedes
+    for d in objs.datasets():
+        assert " v1 " in d.SeriesDescription and "supersedes" not in d.SeriesDescription
+    for d in v2.datasets():
+        assert " v2 supersedes v1 " in d.SeriesDescription and len(d.SeriesDescription) <= 64
+    assert v2.sr.SeriesDescription != objs.sr.SeriesDescription
+
+
+def test_every_result_object_carries_series_and_content_dates(cr):
+    """Series Date/Time (a PACS files a series without them under "?"), Content Date/Time and Instance
+    Creation Date/Time: one instant for every object of a result version."""
+    from datetime import datetime
+
+    sources, results, objs, _ = cr
+
+    def content(d):
+        # a presentation state has no Content Date/Time (PS3.3 A.33.1): its Presentation Creation Date/Time
+        if d.Modality == "PR":
+            assert "ContentDate" not in d
+            return d.PresentationCreationDate, d.PresentationCreationTime
+        return d.ContentDate, d.ContentTime
+
+    assert objs.presentation_states
+    stamps = {(d.SeriesDate, d.SeriesTime, *content(d), d.InstanceCreationDate,
+               d.InstanceCreationTime) for d in objs.datasets()}
+    assert len(stamps) == 1
+    (series_date, series_time, content_date, content_time, *_), = stamps
+    assert series_date == content_date and series_time == content_time
+    when = datetime.strptime(series_date + series_time.split(".")[0], "%Y%m%d%H%M%S")
+    assert abs((datetime.now() - when).total_seconds()) < 3600
+    fixed = datetime(2026, 1, 2, 3, 4, 5, 600000, tzinfo=UTC)
+    again = build_result_objects(sources, results, MODEL, created=fixed)
+    for d in again.datasets():
+        assert (d.SeriesDate, d.SeriesTime, content(d)[0]) == ("20260102", "030405.600000", "20260102")
 
 
 def test_identity_uid_form():

@@ -2,14 +2,15 @@
 
 Three graphic layers over the source image, every coordinate in PIXEL units of that image:
 
-- ``AI_REGIONS``: one box per anomaly region (``result.regions``), with its label
-  ("Abnormal region, score 0.59");
-- ``AI_FRACTURE``: one box per fracture region (``result.fracture_regions``) when the fracture
-  decision is suspected or definite, as the heatmap capture draws them: solid when definite, dotted
-  (short POLYLINE dashes, see :func:`dashes`) when suspected, each with its label
-  ("Fracture, definite, p = 0.72");
-- ``AI_TEXT``: the image's findings in the wording of the capture's findings line (a line per finding),
-  the intended-use statement, and "not localised" for a positive fracture or tumour decision without a box.
+- ``AI_REGIONS``: one box per anomaly region, with its label ("A1: Abnormal region, score 0.59");
+- ``AI_FRACTURE``: one box per fracture region while the fracture call is suspected or definite, as the
+  heatmap capture draws them: solid when definite, dotted (short POLYLINE dashes, see :func:`dashes`)
+  when suspected, each with its label ("F1: Fracture, definite, p = 0.72");
+- ``AI_TEXT``: the image's findings in the wording of the capture's findings line (a line per finding,
+  "not localised" after a positive call that no box localises) and the intended-use statement.
+
+The regions are those every report of the image shows (:meth:`ImageResult.reported_regions`), tagged F1,
+F2, ... and A1, A2, ... as the SR's tracking identifiers and the heatmap number them.
 
 The boxes are also drawn into an overlay bitmap (:func:`overlay_elements`) activated on a fourth layer,
 ``AI_BOX_BITMAP`` (drawn first, under the vector graphics, which cover it), so that a renderer that draws
@@ -91,32 +92,32 @@ def text_box(text: str, left: float, top: float, rows: int, columns: int,
 
 
 # -- texts ----------------------------------------------------------------------------------------------------------
-def fracture_label(finding: BinaryFinding | None) -> str:
+def fracture_label(finding: BinaryFinding | None, number: int) -> str:
+    """"F1: Fracture, definite, p = 0.72" (F1, F2, ... as the SR's tracking identifiers and the heatmap number them)."""
     if finding is None:
-        return "Fracture"
-    return f"Fracture, {finding.decision}, p = {finding.probability:.2f}"
+        return f"F{number}: Fracture"
+    return f"F{number}: Fracture, {finding.decision}, p = {finding.probability:.2f}"
 
 
-def region_label(region: Region) -> str:
-    return f"Abnormal region, score {region.score:.2f}"
-
-
-def _positive(f: BinaryFinding | None) -> bool:
-    return f is not None and f.decision != "absent"
+def region_label(region: Region, number: int) -> str:
+    """"A1: Abnormal region, score 0.59"."""
+    return f"A{number}: Abnormal region, score {region.score:.2f}"
 
 
 def boxes(result: ImageResult) -> list[Box]:
-    """The boxes to draw for one processed image (boxes outside the image are left out, as the SR does)."""
+    """The boxes to draw for one processed image: the regions every report of it shows
+    (:meth:`ImageResult.reported_regions`), numbered per kind as the SR and the heatmap number them."""
     out: list[Box] = []
+    numbers: dict[str, int] = {}
     fracture = result.fracture
-    if fracture is not None and fracture.decision != "absent":
-        for k, region in enumerate(result.fracture_regions, 1):
-            if sr_content.box_inside(region.box, result.rows, result.columns):
-                out.append(Box(enum.LAYER_FRACTURE, _clipped(region.box, result), fracture_label(fracture),
-                               fracture.decision != "definite", region, k))
-    for k, region in enumerate(result.regions, 1):
-        if sr_content.box_inside(region.box, result.rows, result.columns):
-            out.append(Box(enum.LAYER_REGIONS, _clipped(region.box, result), region_label(region), False, region, k))
+    for region in result.reported_regions():
+        numbers[region.source] = k = numbers.get(region.source, 0) + 1
+        box = _clipped(region.box, result)
+        if region.source == "fracture":
+            dotted = fracture is None or fracture.decision != "definite"
+            out.append(Box(enum.LAYER_FRACTURE, box, fracture_label(fracture, k), dotted, region, k))
+        else:
+            out.append(Box(enum.LAYER_REGIONS, box, region_label(region, k), False, region, k))
     return out
 
 
@@ -125,25 +126,18 @@ def _clipped(box: tuple[float, float, float, float], result: ImageResult) -> tup
 
 
 def findings_lines(result: ImageResult) -> list[str]:
-    """The parts of the capture's findings line (:func:`dicom_node.sc.content.findings_line`), one per finding:
-    one line of all of them would be wider than most images at a legible size."""
-    parts = [sc_content.binary_text(f) if isinstance(f, BinaryFinding) else sc_content.categorical_text(f)
-             for f in result.findings()]
+    """The parts of the capture's findings line (:func:`dicom_node.sc.content.findings_line`), one per finding,
+    "not localised" after a positive call that no box localises: one line of all of them would be wider than
+    most images at a legible size."""
+    unboxed = {f.name for f in result.not_localised()}
+    parts = [sc_content.binary_text(f, f.name not in unboxed) if isinstance(f, BinaryFinding)
+             else sc_content.categorical_text(f) for f in result.findings()]
     return parts or [sc_content.findings_line(result)]
 
 
-def text_lines(result: ImageResult, model: ModelInfo, drawn: Sequence[Box]) -> list[str]:
-    """The image's findings (in the capture's wording, a line each), "not localised" lines, the use statement."""
-    lines = findings_lines(result)
-    has_fracture_box = any(b.layer == enum.LAYER_FRACTURE for b in drawn)
-    if _positive(result.fracture) and not has_fracture_box:
-        assert result.fracture is not None
-        lines.append(f"Fracture {result.fracture.decision}: {enum.NOT_LOCALISED}")
-    if _positive(result.tumour):
-        assert result.tumour is not None
-        lines.append(f"Tumour {result.tumour.decision}: {enum.NOT_LOCALISED}")
-    lines.append(sr_content.use_statement(model))
-    return lines
+def text_lines(result: ImageResult, model: ModelInfo) -> list[str]:
+    """The image's findings (in the capture's wording, a line each) and the use statement."""
+    return [*findings_lines(result), sr_content.use_statement(model)]
 
 
 # -- layers and annotations -------------------------------------------------------------------------------------
@@ -216,7 +210,7 @@ def graphic_annotations(ds: Dataset, result: ImageResult, model: ModelInfo
         graphics, texts = per_layer.setdefault(b.layer, ([], []))
         graphics += box_objects(b, rows, columns)
         texts.append(label_object(b, rows, columns))
-    per_layer[enum.LAYER_TEXT] = ([], findings_objects(text_lines(result, model, drawn), rows, columns))
+    per_layer[enum.LAYER_TEXT] = ([], findings_objects(text_lines(result, model), rows, columns))
     layers = graphic_layers(result, [*per_layer, *([enum.LAYER_OVERLAY] if drawn else [])])
     by_name = {layer.GraphicLayer: layer for layer in layers}
     out = [hd.pr.GraphicAnnotation(referenced_images=[ds], graphic_layer=by_name[name],

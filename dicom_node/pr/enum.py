@@ -28,8 +28,8 @@ LAYER_DESCRIPTIONS = {
 #: fracture boxes in the colours of the heatmap capture: red when definite, amber when suspected
 FRACTURE_DEFINITE = sc_enum.DEFINITE
 FRACTURE_SUSPECTED = sc_enum.SUSPECTED
-#: anomaly regions: cyan, apart from both fracture colours (the heatmap capture draws no anomaly boxes)
-REGIONS = (0, 200, 255)
+#: anomaly regions: the heatmap's magenta
+REGIONS = sc_enum.ANOMALY
 #: text: the warning yellow of the captures
 TEXT = sc_enum.WARNING_TEXT
 #: the overlay bitmap: the fracture boxes' colour when there are any, else the regions'
@@ -54,4 +54,3 @@ TEXT_HEIGHT_FRACTION = 1 / 60
 MIN_TEXT_HEIGHT = 12.0
 #: rough width of a character in units of the line height (for text bounding boxes)
 CHAR_WIDTH = 0.6
-NOT_LOCALISED = "not localised"

@@ -60,9 +60,11 @@ def _pretty(name: str) -> str:
     return pretty.get(name, name.replace("_", " ").capitalize())
 
 
-def binary_text(f: BinaryFinding) -> str:
+def binary_text(f: BinaryFinding, localised: bool = True) -> str:
+    """"Fracture: DEFINITE (p=0.72)"; a positive call no region localises adds "not localised"."""
     word = f.decision.upper() if f.decision != "absent" else "absent"
-    return f"{_pretty(f.name)}: {word} (p={f.probability:.2f})"
+    where = "" if localised or f.decision == "absent" else ", not localised"
+    return f"{_pretty(f.name)}: {word} (p={f.probability:.2f}{where})"
 
 
 def categorical_text(f: CategoricalFinding) -> str:
@@ -73,7 +75,9 @@ def findings_line(result: ImageResult) -> str:
     """All findings of one image in one line (the burned-in findings text)."""
     if not result.processed:
         return f"NOT PROCESSED: {result.reason or 'unknown reason'}"
-    parts = [binary_text(f) if isinstance(f, BinaryFinding) else categorical_text(f) for f in result.findings()]
+    unboxed = {f.name for f in result.not_localised()}
+    parts = [binary_text(f, f.name not in unboxed) if isinstance(f, BinaryFinding) else categorical_text(f)
+             for f in result.findings()]
     return "   ".join(parts) if parts else "no findings reported"
 
 
@@ -222,17 +226,37 @@ def render_heatmap(display: np.ndarray, result: ImageResult, model: ModelInfo, t
     canvas.paste(Image.fromarray(blend(np.asarray(img), heat_small)), (0, 0))
     draw = ImageDraw.Draw(canvas)
 
-    # fracture boxes: solid for definite, dotted for suspected, none when absent
+    # every region the SR reports for this image (ImageResult.reported_regions), tagged as the SR's tracking
+    # identifiers number them: fracture boxes solid for definite, dotted for suspected; anomaly regions thin
     line_width = max(2, lay.canvas_width // 400)
-    if result.fracture is not None and result.fracture.decision != "absent":
-        colour = enum.DEFINITE if result.fracture.decision == "definite" else enum.SUSPECTED
-        for region in result.fracture_regions:
-            x0, y0, x1, y1 = (v * lay.scale for v in region.box)
-            box = (x0, y0, max(x0 + 1, x1 - 1), max(y0 + 1, y1 - 1))
-            if result.fracture.decision == "definite":
+    tag_font = font(max(12, lay.font_size), bold=True)
+    numbers: dict[str, int] = {}
+    numbered = []
+    for region in result.reported_regions():
+        numbers[region.source] = k = numbers.get(region.source, 0) + 1
+        numbered.append((region, k))
+    # anomaly regions first, so that a fracture box on the same place stays visible above them
+    for region, k in sorted(numbered, key=lambda rk: rk[0].source == "fracture"):
+        x0, y0, x1, y1 = (v * lay.scale for v in region.box)
+        x0, y0 = max(0.0, x0), max(0.0, y0)
+        x1, y1 = min(float(lay.width - 1), x1 - 1), min(float(lay.image_height - 1), y1 - 1)
+        box = (x0, y0, max(x0 + 1, x1), max(y0 + 1, y1))
+        if region.source == "fracture":
+            definite = result.fracture is not None and result.fracture.decision == "definite"
+            colour = enum.DEFINITE if definite else enum.SUSPECTED
+            if definite:
                 draw.rectangle(box, outline=colour, width=line_width)
             else:
                 _dotted_rectangle(draw, box, colour, line_width)
+            tag = f"F{k}"
+        else:
+            colour = enum.ANOMALY
+            draw.rectangle(box, outline=colour, width=max(1, line_width // 2))
+            tag = f"A{k}"
+        tag_px = int(getattr(tag_font, "size", 12))
+        ty = box[1] - tag_px - 4 if box[1] >= tag_px + 4 else box[3] + 2
+        tx = box[0] + 2 if region.source == "fracture" else max(box[0] + 2, box[2] - 2 * tag_px)
+        draw.text((tx, min(ty, lay.image_height - tag_px - 2)), tag, font=tag_font, fill=colour)
 
     # panel: warning, model and findings, legend
     pad = lay.font_size
@@ -271,11 +295,15 @@ def _legend(draw: ImageDraw.ImageDraw, x: int, y: int, lay: Layout, fnt, map_lab
     _dotted_rectangle(draw, (x, y, x + sample, y + h), enum.SUSPECTED, line_width)
     x += sample + h // 2
     draw.text((x, y), "suspected fracture", font=fnt, fill=enum.TEXT)
+    x += int(draw.textlength("suspected fracture", font=fnt)) + 2 * h
+    draw.rectangle((x, y, x + sample, y + h), outline=enum.ANOMALY, width=max(1, line_width // 2))
+    x += sample + h // 2
+    draw.text((x, y), "anomaly region", font=fnt, fill=enum.TEXT)
 
 
 # -- summary page ------------------------------------------------------------------------------------------
 COLUMNS = ("#", "Instance", "Anatomy", "View", "Fracture", "Tumour", "KL grade", "Regions", "Status")
-_WEIGHTS = (0.35, 1.0, 1.3, 1.3, 1.6, 1.4, 1.1, 0.8, 1.6)
+_WEIGHTS = (0.35, 0.9, 1.2, 1.2, 1.6, 1.4, 1.0, 1.3, 1.4)
 
 
 def _cell(f, binary: bool) -> tuple[str, tuple[int, int, int]]:
@@ -285,6 +313,15 @@ def _cell(f, binary: bool) -> tuple[str, tuple[int, int, int]]:
         colour = {"definite": enum.DEFINITE, "suspected": enum.SUSPECTED}.get(f.decision, enum.ABSENT)
         return (f"{f.decision} ({f.probability:.2f})", colour)
     return f"{f.label} ({f.confidence:.2f})", enum.TEXT
+
+
+def _regions_cell(r: ImageResult) -> str:
+    """The regions the SR reports for the image (as on its heatmap): "2 (1F 1A)", "0", or
+    "0 (not localised)" when a positive call has no box."""
+    regions = r.reported_regions()
+    n_f = sum(1 for g in regions if g.source == "fracture")
+    text = str(len(regions)) + (f" ({n_f}F {len(regions) - n_f}A)" if regions else "")
+    return text + (" not localised" if r.not_localised() else "")
 
 
 def summary_rows(results: Sequence[ImageResult], labels: Sequence[str]) -> list[list[tuple[str, tuple]]]:
@@ -297,7 +334,7 @@ def summary_rows(results: Sequence[ImageResult], labels: Sequence[str]) -> list[
             continue
         rows.append([(str(i), enum.TEXT), (label, enum.TEXT), _cell(r.anatomy, False), _cell(r.view, False),
                      _cell(r.fracture, True), _cell(r.tumour, True), _cell(r.kl_grade, False),
-                     (str(len(r.fracture_regions) + len(r.regions)), enum.TEXT), ("processed", enum.ABSENT)])
+                     (_regions_cell(r), enum.TEXT), ("processed", enum.ABSENT)])
     return rows
 
 
@@ -313,7 +350,7 @@ def render_summary(results: Sequence[ImageResult], labels: Sequence[str], model:
     rows = summary_rows(results, labels)
     shown = rows[:max_rows]
     hidden = sum(1 for row in rows[max_rows:] if len(row) > 2)  # images whose row is not on the page
-    height = top + line * (len(shown) + 1) + (line if rows[max_rows:] else 0) + 2 * line
+    height = top + line * (len(shown) + 1) + (line if rows[max_rows:] else 0) + 3 * line
     canvas = Image.new("RGB", (width, min(enum.MAX_SIDE, height)), enum.PANEL)
     draw = ImageDraw.Draw(canvas)
     x0 = fs
@@ -351,4 +388,7 @@ def render_summary(results: Sequence[ImageResult], labels: Sequence[str], model:
         y += line
     draw.text((x0, y + line // 2), "Fracture: definite = high-specificity operating point, suspected = "
               "high-sensitivity operating point.", font=font(16), fill=enum.TEXT)
+    draw.text((x0, y + line // 2 + 22), "Regions: the boxes on each image's heatmap and in the structured report "
+              "(F = fracture, A = anomaly); \"not localised\": a positive call without a box.", font=font(16),
+              fill=enum.TEXT)
     return np.asarray(canvas, dtype=np.uint8)

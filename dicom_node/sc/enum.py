@@ -26,6 +26,8 @@ WARNING_TEXT = (255, 220, 0)
 PANEL = (0, 0, 0)
 GRID = (90, 90, 90)
 ABSENT = (170, 230, 170)
+#: anomaly regions (label-free localisation): a colour the jet map does not use
+ANOMALY = (255, 64, 255)
 
 #: Font files shipped with matplotlib (DejaVu, a free font); Pillow's default font as fallback.
 FONT_REGULAR = "DejaVuSans.ttf"

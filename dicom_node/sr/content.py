@@ -11,6 +11,7 @@ not processed get a group with status "Failed" and the reason as text.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 
@@ -137,29 +138,66 @@ def polyline_box(points: np.ndarray) -> tuple[float, float, float, float]:
 
 
 # -- groups ---------------------------------------------------------------------------------------------
+# Every measurement group is a TID 1410 planar ROI group with an SCOORD on its source image: viewers that
+# display TID 1500 (OHIF among them) draw each group's region and label it with the group's NUM items,
+# and a group without an SCOORD makes OHIF fail the whole report. The image-level findings therefore sit
+# in a group whose region is the whole image (the finding is about the image), the regions the model
+# localised in one group each. The NUM items come in the order a viewer should show them: the calls
+# first ("Fracture of bone, definite: 72.00 %"), then the rest.
 def _status_item(code: Code) -> hd.sr.QualitativeEvaluation:
     return hd.sr.QualitativeEvaluation(enum.PROCESSING_STATUS, code)
 
 
-def _probability(name: hd.sr.CodedConcept, value: float, algo) -> hd.sr.Measurement:
+def _percent(name: hd.sr.CodedConcept, value: float, algo=None, what: str = "probability") -> hd.sr.Measurement:
+    """A probability or score in 0..1 as a NUM in percent."""
     value = float(value)
     if not (0.0 <= value <= 1.0) or not math.isfinite(value):
-        raise EncodingError(f"probability {value} of {name.meaning} is not in 0..1")
-    return hd.sr.Measurement(name=name, value=value, unit=enum.UNIT_PROBABILITY, algorithm_id=algo)
+        raise EncodingError(f"{what} {value} of {name.meaning} is not in 0..1")
+    return hd.sr.Measurement(name=name, value=round(value * 100.0, 4), unit=enum.UNIT_PERCENT)
+
+
+def whole_image(ds: Dataset, rows: int, columns: int) -> hd.sr.ImageRegion:
+    """The whole image as a closed polyline region (the region of the image-level findings)."""
+    return _region(ds, box_polyline((0.0, 0.0, float(columns), float(rows)), rows, columns))
+
+
+def _region(ds: Dataset, polyline: np.ndarray) -> hd.sr.ImageRegion:
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=polyline,
+        source_image=hd.sr.SourceImageForRegion(referenced_sop_class_uid=ds.SOPClassUID,
+                                                referenced_sop_instance_uid=str(ds.SOPInstanceUID)))
+
+
+def image_geometry(ds: Dataset, result: ImageResult) -> tuple[int, int] | None:
+    """(rows, columns) of the image a group is drawn on: the result's, else the header's; None if unknown."""
+    for rows, columns in ((result.rows, result.columns), (ds.get("Rows"), ds.get("Columns"))):
+        try:
+            r, c = int(rows or 0), int(columns or 0)
+        except (TypeError, ValueError):
+            continue
+        if r > 0 and c > 0:
+            return r, c
+    return None
+
+
+def _image_tracking(ds: Dataset, identity: ResultIdentity, image_number: int) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=identity.tracking_uid(str(ds.SOPInstanceUID), "image"),
+                                    identifier=f"Image {image_number} findings")
 
 
 def image_group(ds: Dataset, result: ImageResult, identity: ResultIdentity, algo, image_number: int,
-                overrides: Mapping[str, ConceptLike] | None = None) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group with every finding of one processed image."""
-    sop_uid = str(ds.SOPInstanceUID)
+                overrides: Mapping[str, ConceptLike] | None = None
+                ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group with every finding of one processed image, on the whole image."""
     evaluations: list[hd.sr.QualitativeEvaluation] = [_status_item(enum.STATUS_SUCCEEDED)]
-    measurements: list[hd.sr.Measurement] = []
+    calls: list[hd.sr.Measurement] = []
+    others: list[hd.sr.Measurement] = []
     for f in (result.fracture, result.tumour):
         if f is None:
             continue
         concept = binary_concept(f, overrides)
         evaluations.append(hd.sr.QualitativeEvaluation(concept, enum.DECISION_CODES[f.decision]))
-        measurements.append(_probability(concept, f.probability, algo))
+        calls.append(_percent(to_code(enum.decision_probability(concept, f.decision)), f.probability, algo))
     if result.kl_grade is not None:
         grade = _kl_number(result.kl_grade.label)
         if grade is not None:
@@ -171,17 +209,65 @@ def image_group(ds: Dataset, result: ImageResult, identity: ResultIdentity, algo
             continue
         evaluations.append(hd.sr.QualitativeEvaluation(finding_concept(cat.name, overrides),
                                                        label_concept(cat, cat.index)))
-        for i in range(len(cat.labels)):
-            measurements.append(_probability(label_concept(cat, i), cat.probabilities[i], algo))
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.tracking_uid(sop_uid, "image"),
-                                                     identifier=f"Image {image_number} findings"),
+        # the chosen label first (the line a viewer shows), the others after the calls
+        calls.append(_percent(label_concept(cat, cat.index), cat.probabilities[cat.index], algo))
+        others += [_percent(label_concept(cat, i), cat.probabilities[i], algo)
+                   for i in range(len(cat.labels)) if i != cat.index]
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_image_tracking(ds, identity, image_number),
+        referenced_region=whole_image(ds, result.rows, result.columns),
         finding_type=enum.IMAGE_FINDINGS,
         algorithm_id=algo,
-        measurements=measurements or None,
+        measurements=(calls + others) or None,
         qualitative_evaluations=evaluations,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)],
     )
+    for f in result.not_localised():
+        _append_text(group, enum.LOCALISATION, f"{binary_concept(f, overrides).meaning}: {enum.NOT_LOCALISED_TEXT}")
+    return for_viewers(group, image_comment(result, image_number, overrides))
+
+
+def call_text(f: BinaryFinding, overrides: Mapping[str, ConceptLike] | None = None) -> str:
+    """"Fracture of bone, definite, p = 0.72"."""
+    return f"{binary_concept(f, overrides).meaning}, {f.decision}, p = {f.probability:.2f}"
+
+
+def image_comment(result: ImageResult, image_number: int, overrides: Mapping[str, ConceptLike] | None = None
+                  ) -> str:
+    """The whole-image group's label: every finding of the image in one line."""
+    parts = [call_text(f, overrides) for f in (result.fracture, result.tumour) if f is not None]
+    unboxed = {f.name for f in result.not_localised()}
+    parts = [p + (f" ({enum.NOT_LOCALISED_TEXT})" if f.name in unboxed else "")
+             for p, f in zip(parts, [f for f in (result.fracture, result.tumour) if f is not None])]
+    for cat in (result.kl_grade, result.anatomy, result.view):
+        if cat is not None:
+            parts.append(f"{finding_concept(cat.name, overrides).meaning}: {label_concept(cat, cat.index).meaning} "
+                         f"({cat.confidence:.2f})")
+    return f"Image {image_number}: " + ("; ".join(parts) if parts else "no findings reported")
+
+
+def for_viewers(group, comment: str):
+    """What a TID 1500 viewer needs beyond the template's required rows (OHIF 3.x as the reference):
+
+    - a Comment (DCM 121106) TEXT item: the label a viewer's measurement panel shows for the group;
+    - the group's region again under its first NUM, as INFERRED FROM (TID 300 allows it): OHIF's
+      "track measurements" reads the geometry of a group from its first NUM's only child, so the NUMs
+      carry no other children (the algorithm identification, TID 4019, is on the group).
+    """
+    items = group[0].ContentSequence
+    region = next(item for item in items if item.ValueType == "SCOORD")
+    first_num = next((item for item in items if item.ValueType == "NUM"), None)
+    if first_num is not None:
+        inferred = copy.deepcopy(region)
+        inferred.RelationshipType = hd.sr.RelationshipTypeValues.INFERRED_FROM.value
+        first_num.ContentSequence = hd.sr.ContentSequence([inferred])
+    items.append(hd.sr.TextContentItem(name=enum.COMMENT, value=comment[:1024],
+                                       relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
+
+
+def _append_text(group, name: Code, value: str) -> None:
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=name, value=value[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
 
 
 def _kl_number(label: str) -> int | None:
@@ -190,63 +276,78 @@ def _kl_number(label: str) -> int | None:
 
 
 def not_processed_group(ds: Dataset, result: ImageResult, identity: ResultIdentity, algo,
-                        image_number: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group for an image the model could not process: status "Failed" and the reason."""
-    sop_uid = str(ds.SOPInstanceUID)
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=identity.tracking_uid(sop_uid, "image"),
-                                                     identifier=f"Image {image_number} findings"),
+                        image_number: int) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """TID 1410 group on the whole image for an image the model could not process: status "Failed" and
+    the reason. None when the image's size is unknown (no region can be drawn): the report-level
+    evaluations then carry the reason (:func:`report_evaluations`)."""
+    geometry = image_geometry(ds, result)
+    if geometry is None:
+        return None
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_image_tracking(ds, identity, image_number),
+        referenced_region=whole_image(ds, *geometry),
         finding_type=enum.IMAGE_FINDINGS,
         algorithm_id=algo,
         qualitative_evaluations=[_status_item(enum.STATUS_FAILED)],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)],
     )
-    reason = (result.reason or "not processed").strip() or "not processed"
-    group[0].ContentSequence.append(hd.sr.TextContentItem(
-        name=enum.REASON_NOT_PROCESSED, value=reason[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
-    return group
+    _append_text(group, enum.REASON_NOT_PROCESSED, not_processed_reason(result))
+    return for_viewers(group, f"Image {image_number}: not processed: {not_processed_reason(result)}")
+
+
+def not_processed_reason(result: ImageResult) -> str:
+    return (result.reason or "not processed").strip() or "not processed"
 
 
 def region_group(ds: Dataset, result: ImageResult, region: Region, number: int, image_number: int,
                  identity: ResultIdentity, algo, overrides: Mapping[str, ConceptLike] | None = None
                  ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """TID 1410 group for one localised region: SCOORD box, type, peak score, area, decision."""
+    """TID 1410 group for one localised region: SCOORD box, finding, the call with its probability (fracture)
+    or the anomaly score, the map's peak score and the area."""
     sop_uid = str(ds.SOPInstanceUID)
-    polyline = box_polyline(region.box, result.rows, result.columns)
-    image_region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=polyline,
-        source_image=hd.sr.SourceImageForRegion(referenced_sop_class_uid=ds.SOPClassUID,
-                                                referenced_sop_instance_uid=sop_uid))
-    measurements = [hd.sr.Measurement(name=enum.REGION_PEAK_SCORE, value=float(region.score),
-                                      unit=enum.UNIT_SCORE, algorithm_id=algo)]
-    spacing = pixel_spacing_mm(ds)
-    if spacing is not None:
-        measurements.append(hd.sr.Measurement(name=enum.AREA, value=float(region.area_px) * spacing[0] * spacing[1],
-                                              unit=enum.UNIT_MM2, algorithm_id=algo))
+    measurements: list[hd.sr.Measurement] = []
     evaluations = None
     if region.source == "fracture" and result.fracture is not None:
         concept = binary_concept(result.fracture, overrides)
         finding_type = concept
         evaluations = [hd.sr.QualitativeEvaluation(concept, enum.DECISION_CODES[result.fracture.decision])]
+        measurements.append(_percent(to_code(enum.decision_probability(concept, result.fracture.decision)),
+                                     result.fracture.probability, algo))
+        measurements.append(_percent(to_code(enum.REGION_PEAK_SCORE), region.score, algo, "score"))
     elif region.source == "fracture":
         finding_type = finding_concept("fracture", overrides)
+        measurements.append(_percent(to_code(enum.REGION_PEAK_SCORE), region.score, algo, "score"))
     else:
         finding_type = to_code(enum.ABNORMAL_REGION)
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        measurements.append(_percent(to_code(enum.ANOMALY_SCORE), region.score, algo, "score"))
+    spacing = pixel_spacing_mm(ds)
+    if spacing is not None:
+        measurements.append(hd.sr.Measurement(name=enum.AREA, value=float(region.area_px) * spacing[0] * spacing[1],
+                                              unit=enum.UNIT_MM2))
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=identity.tracking_uid(sop_uid, f"{region.source}-region-{number}"),
             identifier=f"Image {image_number} {region.source} region {number}"),
-        referenced_region=image_region,
+        referenced_region=_region(ds, box_polyline(region.box, result.rows, result.columns)),
         finding_type=finding_type,
         algorithm_id=algo,
         measurements=measurements,
         qualitative_evaluations=evaluations,
     )
+    tag = f"image {image_number}, {'F' if region.source == 'fracture' else 'A'}{number}"
+    if region.source == "fracture" and result.fracture is not None:
+        comment = f"{call_text(result.fracture, overrides)} ({tag})"
+    elif region.source == "fracture":
+        comment = f"{finding_type.meaning}, map score {region.score:.2f} ({tag})"
+    else:
+        comment = f"{enum.ABNORMAL_REGION.meaning}, anomaly score {region.score:.2f} ({tag})"
+    return for_viewers(group, comment)
 
 
 # -- report level -----------------------------------------------------------------------------------------
-def report_evaluations(model: ModelInfo, n_images: int, n_failed: int) -> hd.sr.ContainerContentItem:
-    """TID 1500 row 12 "Qualitative Evaluations" container: overall status and the use statement."""
+def report_evaluations(model: ModelInfo, n_images: int, n_failed: int,
+                       unplaced: Sequence[str] = ()) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12 "Qualitative Evaluations" container: overall status, the use statement, and the
+    reasons of images not processed whose size is unknown (``unplaced``: no group can be drawn on them)."""
     container = hd.sr.ContainerContentItem(name=enum.QUALITATIVE_EVALUATIONS,
                                            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
     container.ContentSequence = hd.sr.ContentSequence()
@@ -261,6 +362,9 @@ def report_evaluations(model: ModelInfo, n_images: int, n_failed: int) -> hd.sr.
     container.ContentSequence.append(hd.sr.TextContentItem(
         name=enum.USE_RESTRICTION, value=use_statement(model),
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    for text in unplaced:
+        container.ContentSequence.append(hd.sr.TextContentItem(
+            name=enum.REASON_NOT_PROCESSED, value=text[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     return container
 
 

@@ -13,6 +13,7 @@ win over the fallbacks here. The findings' and labels' concepts and the private 
 
 from __future__ import annotations
 
+from highdicom.sr import CodedConcept
 from pydicom.sr.coding import Code
 
 from inference import vocabulary as V
@@ -85,13 +86,33 @@ DECISION_CODES: dict[str, Code] = {
 KNEE_OA_MIN_KL_GRADE = V.KNEE_OA_MIN_KL_GRADE
 
 # -- measurements ---------------------------------------------------------------------------
-#: Unit of a probability (UCUM annotation: dimensionless, reads "probability").
-UNIT_PROBABILITY = Code("{probability}", "UCUM", "probability")
-UNIT_SCORE = Code("1", "UCUM", "no units")
+#: Unit of a probability and of a map score. Viewers print a NUM as "<concept meaning>: <value> <unit code>"
+#: (OHIF: "Fracture of bone, definite: 72.00 %"), so the unit is one a reader knows: percent. (UCUM's
+#: dimensionless "1" printed as a stray "1", the annotation "{probability}" in braces.)
+UNIT_PERCENT = Code("%", "UCUM", "percent")
 UNIT_MM2 = Code("mm2", "UCUM", "square millimeter")
 AREA = Code("42798000", "SCT", "Area")
-#: Peak value of a model map inside a region (0..1).
+#: Peak value of a model map inside a region (in percent of the map's full scale).
 REGION_PEAK_SCORE = private("MAPPEAK", "Peak map score in region")
+#: The region's anomaly score: peak of the reconstruction-error map in the region (label-free localisation).
+ANOMALY_SCORE = private("ANOMSCORE", "Abnormal region, anomaly score")
+#: A group's label in viewers (OHIF's measurement panel shows it).
+COMMENT = Code("121106", "DCM", "Comment")
+#: Text of a positive finding that no region localises.
+LOCALISATION = private("LOCALISATION", "Localisation")
+NOT_LOCALISED_TEXT = "not localised"
+
+#: How a viewer names a binary finding's probability: the finding and the call, so that the line a viewer
+#: draws next to the box reads "Fracture of bone, definite: 72.00 %". A private concept per (finding,
+#: decision); the standard concepts stay in the qualitative evaluation (finding -> Present/Suspected/Absent).
+DECISION_WORDS = {"absent": "absent", "suspected": "suspected", "definite": "definite"}
+
+
+def decision_probability(finding: Code | CodedConcept, decision: str) -> Code:
+    """NUM concept "<finding meaning>, <decision>" for the probability of a binary finding."""
+    word = DECISION_WORDS[decision]
+    value = f"P-{finding.value}-{word[:3].upper()}"[:16]
+    return private(value, f"{finding.meaning}, {word}")
 
 #: Standard coding schemes the SR uses without declaring them (PS3.16 Section 8).
 STANDARD_SCHEMES = {"SCT", "DCM", "UMLS", "UCUM", "LN", "SRT", "FMA", "RADLEX", "NCIt"}

@@ -49,23 +49,26 @@ def build_sr(sources: Sequence[Dataset], results: Sequence[ImageResult], model: 
     algo = c.algorithm_identification(model, params)
 
     groups: list = []
+    unplaced: list[str] = []
     n_failed = 0
     for number, (ds, result) in enumerate(zip(sources, results), 1):
         if not result.processed:
             n_failed += 1
-            groups.append(c.not_processed_group(ds, result, identity, algo, number))
+            group = c.not_processed_group(ds, result, identity, algo, number)
+            if group is not None:
+                groups.append(group)
+            else:
+                unplaced.append(f"image {number} (SOP Instance UID {ds.SOPInstanceUID}): "
+                                f"{c.not_processed_reason(result)}")
             continue
         if (int(ds.Rows), int(ds.Columns)) != (int(result.rows), int(result.columns)):
             raise EncodingError(f"result for image {number} is {result.columns}x{result.rows}, "
                                 f"the image is {ds.Columns}x{ds.Rows}")
         groups.append(c.image_group(ds, result, identity, algo, number, concept_overrides))
-        for regions in (result.fracture_regions, result.regions):
-            for k, region in enumerate(regions, 1):
-                if not c.box_inside(region.box, result.rows, result.columns):
-                    log.warning("image %d: %s region %d %s lies outside the image; not reported", number,
-                                region.source, k, region.box)
-                    continue
-                groups.append(c.region_group(ds, result, region, k, number, identity, algo, concept_overrides))
+        numbers: dict[str, int] = {}
+        for region in result.reported_regions():
+            numbers[region.source] = k = numbers.get(region.source, 0) + 1
+            groups.append(c.region_group(ds, result, region, k, number, identity, algo, concept_overrides))
 
     library = [*sources, *heatmaps, *summary]
     report = hd.sr.MeasurementReport(
@@ -78,7 +81,7 @@ def build_sr(sources: Sequence[Dataset], results: Sequence[ImageResult], model: 
     measurements_at = next(i for i, item in enumerate(root)
                            if item.ConceptNameCodeSequence[0].CodeValue == "126010")
     root.insert(measurements_at, c.image_library(sources, heatmaps, summary))
-    root.append(c.report_evaluations(model, len(results), n_failed))
+    root.append(c.report_evaluations(model, len(results), n_failed, unplaced))
 
     description = f"AI processing algorithm {model.name} {model.version}, weights sha256 {model.weights_sha256}"
     try:
@@ -125,6 +128,8 @@ class RegionRead:
     area_mm2: float | None
     evaluations: dict[hd.sr.CodedConcept, hd.sr.CodedConcept]
     tracking_uid: str | None
+    #: the image's probability of the finding the region localises (fracture regions)
+    probability: float | None = None
 
 
 @dataclass
@@ -137,6 +142,8 @@ class ImageRead:
     probabilities: dict[hd.sr.CodedConcept, float] = field(default_factory=dict)
     algorithm: tuple[str, str, tuple[str, ...]] | None = None
     regions: list[RegionRead] = field(default_factory=list)
+    #: "<finding>: not localised" for each positive finding no region localises
+    not_localised: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -145,6 +152,8 @@ class SRRead:
     status: hd.sr.CodedConcept | None
     use_statement: str | None
     library: list[str]
+    #: reasons of images not processed whose size was unknown (no group on them)
+    unplaced: list[str] = field(default_factory=list)
 
 
 def _code_key(code) -> hd.sr.CodedConcept:
@@ -168,14 +177,37 @@ def _algorithm(group) -> tuple[str, str, tuple[str, ...]] | None:
     return (name, version or "", tuple(params)) if name is not None else None
 
 
+def _is_image_group(group) -> bool:
+    ft = group.finding_type
+    return ft is not None and (ft.value, ft.scheme_designator) == (enum.IMAGE_FINDINGS.value,
+                                                                   enum.IMAGE_FINDINGS.scheme_designator)
+
+
+def _texts(group, name) -> list[str]:
+    return [str(item.TextValue) for item in group[0].ContentSequence
+            if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == name.value
+            and item.ConceptNameCodeSequence[0].CodingSchemeDesignator == name.scheme_designator]
+
+
+def _fraction(m) -> float:
+    """A NUM in percent (the node's unit for probabilities and scores) as 0..1."""
+    unit = m.unit
+    value = float(m.value)
+    return value / 100.0 if unit is not None and unit.value == enum.UNIT_PERCENT.value else value
+
+
 def read_sr(ds: Dataset) -> SRRead:
     """Read one of the node's SRs back with highdicom into plain findings per source image."""
     sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
     report = hd.sr.MeasurementReport.from_sequence(sr.content)
     images: dict[str, ImageRead] = {}
     order: list[str] = []
-    for group in report.get_image_measurement_groups():
-        src = group.source_images[0].referenced_sop_instance_uid if group.source_images else ""
+    groups = report.get_planar_roi_measurement_groups()
+    for group in groups:
+        if not _is_image_group(group):
+            continue
+        region = cast(hd.sr.ImageRegion, group.roi)
+        src = str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
         # highdicom annotates QualitativeEvaluation.value as int | float; it is the CODE item's CodedConcept
         status: hd.sr.CodedConcept | None = None
         evaluations: dict[hd.sr.CodedConcept, hd.sr.CodedConcept] = {}
@@ -184,32 +216,44 @@ def read_sr(ds: Dataset) -> SRRead:
                 status = cast(hd.sr.CodedConcept, ev.value)
             else:
                 evaluations[_code_key(ev.name)] = cast(hd.sr.CodedConcept, ev.value)
-        reason = None
-        for item in group[0].ContentSequence:
-            if item.ValueType == "TEXT" and \
-                    item.ConceptNameCodeSequence[0].CodeValue == enum.REASON_NOT_PROCESSED.value:
-                reason = item.TextValue
-        probabilities = {_code_key(m.name): float(m.value) for m in group.get_measurements()}
-        images[src] = ImageRead(src, group.tracking_uid, status, reason, evaluations, probabilities,
-                                _algorithm(group))
+        reasons = _texts(group, enum.REASON_NOT_PROCESSED)
+        # a call's NUM is named "<finding>, <decision>": read back under the finding's concept
+        call_names = {}
+        for finding, decision in evaluations.items():
+            for word, code in enum.DECISION_CODES.items():
+                if (code.value, code.scheme_designator) == (decision.value, decision.scheme_designator):
+                    call = enum.decision_probability(finding, word)
+                    call_names[(call.value, call.scheme_designator)] = finding
+        probabilities = {}
+        for m in group.get_measurements():
+            key = _code_key(m.name)
+            probabilities[call_names.get((key.value, key.scheme_designator), key)] = _fraction(m)
+        images[src] = ImageRead(src, group.tracking_uid, status, reasons[0] if reasons else None, evaluations,
+                                probabilities, _algorithm(group),
+                                not_localised=_texts(group, enum.LOCALISATION))
         order.append(src)
-    for roi_group in report.get_planar_roi_measurement_groups():
+    for roi_group in groups:
+        if _is_image_group(roi_group):
+            continue
         region = cast(hd.sr.ImageRegion, roi_group.roi)  # the node's region groups reference a 2D image region
         src = str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-        peak = area = None
+        peak = area = probability = None
         for m in roi_group.get_measurements():
-            if m.name == enum.REGION_PEAK_SCORE:
-                peak = float(m.value)
+            if m.name in (enum.REGION_PEAK_SCORE, enum.ANOMALY_SCORE):
+                peak = _fraction(m)
             elif m.name == enum.AREA:
                 area = float(m.value)
+            else:
+                probability = _fraction(m)
         evaluations = {_code_key(ev.name): cast(hd.sr.CodedConcept, ev.value)
                        for ev in roi_group.get_qualitative_evaluations()}
         read = RegionRead(src, roi_group.finding_type, c.polyline_box(region.value), peak, area, evaluations,
-                          roi_group.tracking_uid)
+                          roi_group.tracking_uid, probability)
         if src not in images:
             raise EncodingError(f"region on {src} without an image group")
         images[src].regions.append(read)
     status = use = None
+    unplaced: list[str] = []
     for item in report[0].ContentSequence:
         if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == \
                 enum.QUALITATIVE_EVALUATIONS.value:
@@ -219,6 +263,8 @@ def read_sr(ds: Dataset) -> SRRead:
                     status = hd.sr.CodedConcept.from_dataset(sub.ConceptCodeSequence[0])
                 elif name == enum.USE_RESTRICTION.value:
                     use = sub.TextValue
+                elif name == enum.REASON_NOT_PROCESSED.value:
+                    unplaced.append(str(sub.TextValue))
     library = []
     for item in report[0].ContentSequence:
         if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == "111028":  # Image Library
@@ -226,4 +272,4 @@ def read_sr(ds: Dataset) -> SRRead:
                 for entry in grp.get("ContentSequence", []):
                     if entry.ValueType == "IMAGE":
                         library.append(str(entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
-    return SRRead([images[k] for k in order], status, use, library)
+    return SRRead([images[k] for k in order], status, use, library, unplaced)

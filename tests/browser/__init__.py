@@ -1,0 +1,1 @@
+"""Browser tests: the node's results as a real viewer (OHIF, in headless chromium) shows them."""
