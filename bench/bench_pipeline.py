@@ -5,7 +5,7 @@
 
 1. Latency: Orthanc pushes a 1-image and a 4-image study; the time from the
    moment the last image was acknowledged to the moment the last result object
-   (SR, heatmaps, summary) is stored in Orthanc, minus the configured quiet
+   (SR, heatmaps, presentation states, summary) is stored in Orthanc, minus the configured quiet
    period. Reference, in the same run: the bare model on the same images
    (``Model.predict_datasets`` in-process, decode + encoder + heads + maps).
 2. Sustained: Orthanc pushes ``--studies`` one-image studies back to back;
@@ -115,7 +115,8 @@ def main() -> int:
                 lat = []
                 for files in studies:
                     uid, t_last = push_study(pacs, files)
-                    t_done = wait_results(pacs, uid, expected=2 * n + 2)  # sources + heatmaps + summary + SR
+                    # sources + heatmaps + presentation states + summary + SR
+                    t_done = wait_results(pacs, uid, expected=3 * n + 2)
                     lat.append(t_done - t_last - args.quiet)
                 result[f"latency_{n}_image_s"] = round(statistics.median(lat), 2)
                 result[f"bare_model_{n}_image_s"] = round(bare[n], 3)
@@ -135,7 +136,7 @@ def main() -> int:
             busy = listener_mb_per_s(node.port, busy_files)
             pusher.join()
             for uid in pushed:
-                wait_results(pacs, uid, expected=4)
+                wait_results(pacs, uid, expected=5)  # source, heatmap, presentation state, summary, SR
             elapsed = time.perf_counter() - t0
             result.update({
                 "sustained_studies": args.studies, "sustained_seconds": round(elapsed, 1),
