@@ -61,11 +61,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
 
 
+class NodeTLS(_Section):
+    """DICOM TLS on the listener (dicom_node.tls): when enabled, ``node.port`` speaks TLS only."""
+
+    enabled: bool = False
+    certificate: Path | None = None  # PEM: the node's certificate (chain)
+    private_key: Path | None = None  # PEM, unencrypted
+    ca_file: Path | None = None  # PEM: CAs whose client certificates are accepted
+    require_client_certificate: bool = False  # needs ca_file
+
+
 class NodeSection(_Section):
     ae_title: AETitle = "MSKNODE"
     bind: Host = "0.0.0.0"
     port: Port = 11112
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
+    tls: NodeTLS = NodeTLS()
 
 
 #: what happens at a destination to the objects of a result version that a newer one supersedes:
@@ -73,11 +84,22 @@ class NodeSection(_Section):
 SupersededResults = Literal["keep", "reject"]
 
 
+class PeerTLS(_Section):
+    """DICOM TLS when sending to a peer (dicom_node.tls); the peer's certificate is always verified."""
+
+    enabled: bool = False
+    ca_file: Path | None = None  # PEM: CAs that sign the peer's certificate; None: the system's CAs
+    certificate: Path | None = None  # PEM: the node's client certificate, when the peer asks for one
+    private_key: Path | None = None  # PEM, unencrypted; with certificate
+    verify_hostname: bool = False  # the certificate must name peers[].host
+
+
 class Peer(_Section):
     ae_title: AETitle
     host: Host | None = None
     port: Port | None = None
     superseded_results: SupersededResults | None = None  # None: sending.superseded_results
+    tls: PeerTLS | None = None
 
 
 class StorageSection(_Section):
@@ -296,7 +318,17 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
             and ":memory:" not in url:
         url = prefix + str((base / url[len(prefix):]).resolve())
     storage = storage.model_copy(update={"path": path.resolve(), "database_url": url})
-    return cfg.model_copy(update={"storage": storage})
+
+    def resolved(section: _Section, keys: tuple[str, ...]) -> Any:
+        update = {k: (base / v).resolve() for k in keys if (v := getattr(section, k)) is not None
+                  and not v.is_absolute()}
+        return section.model_copy(update=update) if update else section
+
+    tls_files = ("certificate", "private_key", "ca_file")
+    node = cfg.node.model_copy(update={"tls": resolved(cfg.node.tls, tls_files)})
+    peers = [p.model_copy(update={"tls": resolved(p.tls, tls_files)}) if p.tls is not None else p
+             for p in cfg.peers]
+    return cfg.model_copy(update={"storage": storage, "node": node, "peers": peers})
 
 
 def parse_config(data: Any, *, source: str = "<config>", base: Path | None = None,
@@ -327,6 +359,9 @@ def parse_config(data: Any, *, source: str = "<config>", base: Path | None = Non
             msg = msg[len("Value error, "):]
         raise ConfigError(msg + more, key=key, path=source) from None
     cfg = _resolve_paths(cfg, base or Path.cwd())
+    from dicom_node.tls import check_config  # here: dicom_node.tls reads this module's types
+
+    check_config(cfg, source)
     return cfg.model_copy(update={"source": Path(source) if source != "<config>" else None})
 
 

@@ -24,6 +24,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
+from dicom_node import tls
 from dicom_node.config import Config
 from dicom_node.errors import EXPECTED_ERRORS, DatasetMismatch, InvalidDataset, dicom_status_for
 from dicom_node.sop import NATIVE_SYNTAXES, STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
@@ -195,10 +196,13 @@ class Listener:
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
         ]
-        self.server = self.ae.start_server((self.cfg.node.bind, self.cfg.node.port), block=False,
-                                           evt_handlers=handlers)
-        log.info("listening as %s on %s:%d (%d peer(s) allowed)", self.cfg.node.ae_title, self.cfg.node.bind,
-                 self.cfg.node.port, len(self.cfg.peers))
+        address = (self.cfg.node.bind, self.cfg.node.port)
+        if self.cfg.node.tls.enabled:  # TLS only on node.port; the handshake out of the accept loop
+            self.server = tls.start_server(self.ae, address, tls.server_context(self.cfg.node.tls), handlers)
+        else:
+            self.server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+        log.info("listening as %s on %s:%d%s (%d peer(s) allowed)", self.cfg.node.ae_title, self.cfg.node.bind,
+                 self.cfg.node.port, " (DICOM TLS)" if self.cfg.node.tls.enabled else "", len(self.cfg.peers))
 
     def stop(self) -> None:
         if self.server is not None:
