@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import ssl
 import threading
 from collections import defaultdict
 
@@ -27,9 +28,11 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
+from dicom_node import tls
 from dicom_node.config import Config, Peer
 from dicom_node.rejections import queue_rejection_notes
 from storage.deliveries import Batch, DeliveryQueue, Item
@@ -46,6 +49,8 @@ JOB_ID = "sender"
 
 def describe_association_failure(assoc, peer: Peer, dest: str) -> str:
     where = f"{dest} at {peer.host}:{peer.port}"
+    if peer.tls is not None and peer.tls.enabled:
+        where += " (TLS)"
     rsp = getattr(assoc.acceptor, "primitive", None)
     if assoc.is_rejected:
         if rsp is not None:
@@ -54,7 +59,9 @@ def describe_association_failure(assoc, peer: Peer, dest: str) -> str:
         return f"association rejected by {where}"
     if rsp is not None and getattr(rsp, "result", None) == 0x00:
         return f"{where} accepted none of the proposed presentation contexts"
-    return f"no association with {where} (connection refused, unreachable, aborted or no answer within the timeout)"
+    tls_failure = " or TLS handshake failed" if peer.tls is not None and peer.tls.enabled else ""
+    return (f"no association with {where} (connection refused, unreachable, aborted{tls_failure} or no answer "
+            f"within the timeout)")
 
 
 class Sender:
@@ -72,6 +79,7 @@ class Sender:
         self._rejections_swept = False  # the first pass looks at every study for rejection notes due
         self._recovered: set[int] = set()  # studies with in-flight deliveries looked at in this pass
         self._scheduler = None
+        self._tls: dict[str, tuple[ssl.SSLContext, str] | None] = {}  # destination -> AE.associate tls_args
 
     # -- lifecycle -------------------------------------------------------------
     def start(self, scheduler) -> None:
@@ -194,6 +202,17 @@ class Sender:
         ae.maximum_pdu_size = 0
         return ae
 
+    def _associate(self, peer: Peer, dest: str, contexts: list) -> Association:
+        """An association with ``peer``, over DICOM TLS when ``peers[].tls.enabled`` (the handshake is part
+        of connecting, within ``sending.timeout_seconds``; a failed one is a failed association)."""
+        assert peer.host is not None and peer.port is not None
+        tls_args = None
+        if peer.tls is not None and peer.tls.enabled:
+            if dest not in self._tls:  # contexts are built once per destination (the CA files are read once)
+                self._tls[dest] = tls.peer_tls_args(peer)
+            tls_args = self._tls[dest]
+        return self._ae().associate(peer.host, peer.port, ae_title=dest, contexts=contexts, tls_args=tls_args)
+
     # -- sending -----------------------------------------------------------------
     def _send_batch(self, batch: Batch) -> tuple[int, bool]:
         """(instances stored, whether an association could be made)."""
@@ -230,9 +249,7 @@ class Sender:
                     contexts.append(key)
         if len(contexts) > _MAX_CONTEXTS:
             contexts = contexts[:_MAX_CONTEXTS]  # the rest fails with 'no presentation context' and retries
-        ae = self._ae()
-        assoc = ae.associate(peer.host, peer.port, ae_title=dest,
-                             contexts=[build_context(sop, [ts]) for sop, ts in contexts])
+        assoc = self._associate(peer, dest, [build_context(sop, [ts]) for sop, ts in contexts])
         if not assoc.is_established:
             err = describe_association_failure(assoc, peer, dest)
             self.queue.mark_failed([it.delivery_id for it in items], err, None, self.policy)
@@ -366,11 +383,9 @@ class Sender:
             log.error("%d in-flight delivery(ies) to %s: %s (dead letter)", len(items), dest, problem)
             return 0
         assert peer is not None and peer.host is not None and peer.port is not None  # _peer checked them
-        ae = self._ae()
-        assoc = ae.associate(peer.host, peer.port, ae_title=dest,
-                             contexts=[build_context(StudyRootQueryRetrieveInformationModelFind,
-                                                     [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
-                                       build_context(Verification)])
+        assoc = self._associate(peer, dest, [build_context(StudyRootQueryRetrieveInformationModelFind,
+                                                           [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
+                                             build_context(Verification)])
         rsp = getattr(assoc.acceptor, "primitive", None)
         if not assoc.is_established and rsp is not None and getattr(rsp, "result", None) == 0x00:
             return self._cannot_ask(dest, ids, "accepts neither C-FIND nor C-ECHO")

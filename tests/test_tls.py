@@ -7,11 +7,13 @@ trusted CA; dcmtk verifies the peer's certificate by default (``-rc``).
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 import yaml
 from pydicom.data import get_testdata_file
@@ -19,7 +21,8 @@ from pydicom.data import get_testdata_file
 from dicom_node.config import load_config, parse_config
 from dicom_node.errors import ConfigError
 from tests.nodeproc import NodeProcess, node_config
-from tests.peers import require, storescu
+from tests.peers import Storescp, require, storescu
+from tests.test_sender import Rig
 
 CR_FILE = get_testdata_file("RG3_UNCI.dcm")  # a real CR radiograph, uncompressed
 
@@ -170,3 +173,59 @@ def test_an_idle_connection_does_not_stall_the_listener(tmp_path, pki):
             for s in idle:
                 s.close()
         assert node.alive()
+
+
+# -- the sender -------------------------------------------------------------------
+def _tls_storescp(out: Path, pki: Path) -> Storescp:
+    """dcmtk's storescp speaking TLS only, requiring a client certificate signed by the CA (``-rc``)."""
+    return Storescp(out, aet="STORESCP", extra=["+tls", str(pki / "server.key"), str(pki / "server.crt"),
+                                                "+cf", str(pki / "ca.crt"), "-rc"])
+
+
+def test_sender_delivers_over_tls(tmp_path, pki, caplog):
+    """Results reach a TLS-only storescp, with a client certificate and the host name checked; the
+    recovery of an in-flight delivery (its C-FIND/C-ECHO association) goes over TLS too."""
+    with _tls_storescp(tmp_path / "scp", pki) as scp:
+        tls = {"enabled": True, "ca_file": str(pki / "ca.crt"), "certificate": str(pki / "client.crt"),
+               "private_key": str(pki / "client.key"), "verify_hostname": True}
+        rig = Rig(tmp_path / "node", [{"ae_title": "STORESCP", "host": "127.0.0.1", "port": scp.port, "tls": tls}])
+        try:
+            sid, _, uids = rig.add_study(["STORESCP"])
+            rig.set_state([rig.deliveries(sid)[0].id], "sending")
+            with caplog.at_level(logging.WARNING, logger="dicom_node.sender"):
+                assert rig.sender.run_once() == 3
+            assert "does not support Study Root C-FIND" in caplog.text  # the recovery association was made
+            got = sorted(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in scp.files())
+            assert got == sorted(uids)
+            assert rig.study(sid).state == "sent"
+        finally:
+            rig.close()
+
+
+@pytest.mark.parametrize("problem", ["untrusted peer", "no client certificate", "plain DICOM"])
+def test_sender_refuses_or_is_refused_without_the_right_tls(tmp_path, pki, problem):
+    """A peer whose certificate the node does not trust, a peer that wants a client certificate the node
+    does not have, a TLS peer configured without TLS: no association, nothing arrives, the delivery
+    waits for a retry (not a dead letter) and its error names the destination."""
+    tls: dict | None = {"enabled": True, "ca_file": str(pki / "ca.crt"), "certificate": str(pki / "client.crt"),
+                        "private_key": str(pki / "client.key")}
+    if problem == "untrusted peer":
+        tls = {**tls, "ca_file": str(pki / "rogue.crt")}
+    elif problem == "no client certificate":
+        tls = {"enabled": True, "ca_file": str(pki / "ca.crt")}
+    else:
+        tls = None
+    with _tls_storescp(tmp_path / "scp", pki) as scp:
+        peer = {"ae_title": "STORESCP", "host": "127.0.0.1", "port": scp.port, **({"tls": tls} if tls else {})}
+        rig = Rig(tmp_path / "node", [peer])
+        try:
+            sid, _, _ = rig.add_study(["STORESCP"])
+            assert rig.sender.run_once() == 0
+            assert scp.files() == []
+            ds = rig.deliveries(sid)
+            assert {d.state for d in ds} == {"pending"}, [(d.state, d.last_error) for d in ds]
+            assert all("STORESCP at 127.0.0.1" in (d.last_error or "") for d in ds)
+            if tls is not None:
+                assert "(TLS)" in (ds[0].last_error or "")
+        finally:
+            rig.close()
