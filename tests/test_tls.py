@@ -229,3 +229,43 @@ def test_sender_refuses_or_is_refused_without_the_right_tls(tmp_path, pki, probl
                 assert "(TLS)" in (ds[0].last_error or "")
         finally:
             rig.close()
+
+
+def test_a_connection_without_a_handshake_is_closed_after_the_timeout(pki, caplog):
+    """TLSAssociationServer in process (a pynetdicom AE, real sockets): a client that sends nothing is
+    closed after ``handshake_timeout``, and a TLS client is served meanwhile."""
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from dicom_node import tls
+    from dicom_node.config import NodeTLS, PeerTLS
+
+    ae = AE("MSKNODE")
+    ae.add_supported_context(Verification)
+    ctx = tls.server_context(NodeTLS(enabled=True, certificate=pki / "server.crt", private_key=pki / "server.key"))
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2 and ctx.verify_mode == ssl.CERT_NONE
+    peer = tls.client_context(PeerTLS(enabled=True, ca_file=pki / "ca.crt"))
+    assert peer.minimum_version == ssl.TLSVersion.TLSv1_2 and peer.verify_mode == ssl.CERT_REQUIRED
+    assert not peer.check_hostname
+    old = tls.TLSAssociationServer.handshake_timeout
+    tls.TLSAssociationServer.handshake_timeout = 1.0
+    server = tls.start_server(ae, ("127.0.0.1", 0), ctx, [])
+    port = server.server_address[1]
+    try:
+        with caplog.at_level(logging.WARNING, logger="dicom_node.tls"), \
+                socket.create_connection(("127.0.0.1", port)) as idle:
+            t0 = time.monotonic()
+            client = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+            with client.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5),
+                                    server_hostname="localhost") as served:
+                assert served.version() in ("TLSv1.2", "TLSv1.3")
+            idle.settimeout(5)
+            assert idle.recv(1) == b""  # closed by the node
+            took = time.monotonic() - t0
+            assert 0.5 < took < 4, took
+        assert "no handshake within 1 s" in caplog.text
+    finally:
+        tls.TLSAssociationServer.handshake_timeout = old
+        server.shutdown()
