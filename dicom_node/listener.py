@@ -27,6 +27,7 @@ from pynetdicom.sop_class import Verification
 from dicom_node.config import Config
 from dicom_node.errors import EXPECTED_ERRORS, DatasetMismatch, InvalidDataset, dicom_status_for
 from dicom_node.sop import NATIVE_SYNTAXES, STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from storage.errors import PatientConflict
 from storage.files import InstanceStore
 from storage.index import Index, InstanceMeta
 
@@ -301,9 +302,17 @@ class Listener:
             raise InvalidDataset(f"dataset cannot be decoded: {type(exc).__name__}: {exc}") from None
         meta = instance_meta(ds, sop_class, sop_instance, str(context.transfer_syntax))
         data = event.encoded_dataset()
+        if self.index.patient_conflict(meta):
+            raise PatientConflict("the study belongs to another patient than this instance names")
         rel = self.store.instance_relpath(meta.StudyInstanceUID, meta.SOPInstanceUID)
         stored = self.store.write(rel, data)
-        outcome = self.index.record_instance(meta, rel, stored.size, calling, self.quiet)
+        try:
+            outcome = self.index.record_instance(meta, rel, stored.size, calling, self.quiet)
+        except PatientConflict:
+            # refused: its file must not stay (unless it replaced an indexed copy of the same instance)
+            if not self.index.has_instance_file(rel):
+                self.store.delete(rel)
+            raise
         if outcome.obsolete_file:
             self.store.delete(outcome.obsolete_file)
         st = self._stats.get(id(event.assoc))
