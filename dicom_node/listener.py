@@ -24,6 +24,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
+from dicom_node import edge
 from dicom_node.config import Config
 from dicom_node.errors import EXPECTED_ERRORS, DatasetMismatch, InvalidDataset, dicom_status_for
 from dicom_node.logs import describe_error
@@ -177,7 +178,10 @@ class Listener:
         ae = AE(self.cfg.node.ae_title)
         ae.require_called_aet = True
         ae.maximum_associations = self.cfg.node.max_associations
-        ae.maximum_pdu_size = 0  # no limit: fewer, larger P-DATA PDUs from peers that allow it
+        # the largest P-DATA PDU a peer may send (dicom_node.edge refuses larger ones unread)
+        ae.maximum_pdu_size = self.cfg.limits.max_pdu_bytes
+        edge.install(edge.Limits(self.cfg.limits.max_associate_rq_bytes, self.cfg.limits.max_pdu_bytes,
+                                 self.cfg.limits.pdu_seconds))
         ae.network_timeout = 60
         ae.acse_timeout = 30
         ae.dimse_timeout = 60

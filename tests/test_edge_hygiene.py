@@ -88,3 +88,73 @@ def test_the_worker_dies_with_its_node_even_while_the_model_loads(tmp_path):
         assert not alive, f"worker(s) {alive} outlived their node"
     finally:
         node.kill()
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _stream(port: int, header: bytes, total: int, chunk: int = 1 << 20) -> int:
+    """Send ``header`` then zeros until ``total`` bytes or the node closes; bytes the node took."""
+    import socket
+
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(header)
+        zeros = bytes(chunk)
+        try:
+            while sent < total:
+                s.sendall(zeros)
+                sent += chunk
+        except OSError:
+            pass
+    return sent
+
+
+def test_oversize_pdus_are_refused_unread_and_memory_stays_bounded(tmp_path):
+    """An A-ASSOCIATE-RQ declaring ~4 GiB, then 200 MB of zeros: the node closes the connection after at
+    most a few MB (what the kernel buffers), its memory does not grow with what was sent, and a
+    legitimate echo still works. (Before: memory grew 1 MB per MB sent until the socket closed.)"""
+    from tests.peers import echoscu
+
+    node = NodeProcess(tmp_path / "node", node_config(tmp_path / "node"))
+    with node:
+        before = _rss_mb(node.proc.pid)
+        sent = _stream(node.port, b"\x01\x00\xff\xff\xff\xf0", 200 << 20)
+        after = _rss_mb(node.proc.pid)
+        assert sent < 64 << 20, f"the node took {sent >> 20} MB of a 4 GiB A-ASSOCIATE-RQ"
+        assert after - before < 40, (before, after)
+        # a P-DATA-TF declaring 1 GiB, without an association: refused the same way
+        sent = _stream(node.port, b"\x04\x00\x40\x00\x00\x00", 200 << 20)
+        assert sent < 64 << 20
+        assert _rss_mb(node.proc.pid) - before < 40
+        assert echoscu("127.0.0.1", node.port).returncode == 0
+        print(f"RSS before {before:.0f} MB, after the oversize PDUs {_rss_mb(node.proc.pid):.0f} MB")
+        assert "connection closed unread" in node.log()
+
+
+def test_a_trickled_pdu_is_cut_at_its_deadline(tmp_path):
+    import socket
+
+    node = NodeProcess(tmp_path / "node", node_config(tmp_path / "node", limits={"pdu_seconds": 2}))
+    with node:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as s:
+            s.sendall(b"\x01\x00\x00\x00\x01\x00")  # a 256-byte A-ASSOCIATE-RQ, then one byte a second
+            t0 = time.monotonic()
+            closed = False
+            while time.monotonic() - t0 < 15:
+                try:
+                    s.sendall(b"\x00")
+                    s.settimeout(1.0)
+                    if s.recv(1) == b"":
+                        closed = True
+                        break
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed = True
+                    break
+            assert closed and time.monotonic() - t0 < 10, "the trickle kept the connection open"
