@@ -122,6 +122,14 @@ class StorageSection(_Section):
         return v
 
 
+class LimitsSection(_Section):
+    """What one peer may make the node hold (dicom_node.edge)."""
+
+    max_associate_rq_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 65536
+    max_pdu_bytes: Annotated[int, Field(ge=16384, le=1 << 28)] = 4 << 20  # advertised as Maximum Length Received
+    pdu_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0  # a whole PDU, once its header arrived
+
+
 class StudySection(_Section):
     quiet_seconds: Annotated[float, Field(gt=0, le=86400)] = 10.0
 
@@ -224,6 +232,7 @@ class LoggingSection(_Section):
 
 class Config(_Section):
     node: NodeSection = NodeSection()
+    limits: LimitsSection = LimitsSection()
     peers: list[Peer] = Field(min_length=1)
     storage: StorageSection = StorageSection()
     study: StudySection = StudySection()

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from inference.errors import BundleError, ImageNotProcessable, InferenceError
-from storage.errors import OutOfResources, StorageError
+from storage.errors import OutOfResources, PatientConflict, StorageError
 
 __all__ = ["NodeError", "ConfigError", "InvalidDataset", "DatasetMismatch", "EncodingError", "StorageError",
            "OutOfResources", "InferenceError", "ImageNotProcessable", "BundleError", "dicom_status_for",
@@ -54,6 +54,7 @@ EXPECTED_ERRORS = (NodeError, StorageError, InferenceError)
 _STATUS = (
     (DatasetMismatch, SOP_CLASS_MISMATCH),
     (InvalidDataset, CANNOT_UNDERSTAND),
+    (PatientConflict, CANNOT_UNDERSTAND),  # the instance names another patient than its study: refused, not retried
     (StorageError, OUT_OF_RESOURCES),  # OutOfResources included: the index or the disk failed us
     (MemoryError, OUT_OF_RESOURCES),
     (OSError, OUT_OF_RESOURCES),       # disk full, quota, too many open files, I/O errors

@@ -24,10 +24,12 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
-from dicom_node import tls
+from dicom_node import edge, tls
 from dicom_node.config import Config
 from dicom_node.errors import EXPECTED_ERRORS, DatasetMismatch, InvalidDataset, dicom_status_for
+from dicom_node.logs import describe_error
 from dicom_node.sop import NATIVE_SYNTAXES, STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from storage.errors import PatientConflict
 from storage.files import InstanceStore
 from storage.index import Index, InstanceMeta
 
@@ -72,7 +74,7 @@ def instance_meta(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, transf
     try:
         uids = {k: ds.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
     except Exception as exc:  # pydicom raises many kinds on garbage
-        raise InvalidDataset(f"dataset cannot be parsed: {exc}") from None
+        raise InvalidDataset(f"dataset cannot be parsed: {describe_error(exc)}") from None
     for k, v in uids.items():
         if v is None or v == "":
             raise InvalidDataset(f"{k} is missing")
@@ -176,7 +178,10 @@ class Listener:
         ae = AE(self.cfg.node.ae_title)
         ae.require_called_aet = True
         ae.maximum_associations = self.cfg.node.max_associations
-        ae.maximum_pdu_size = 0  # no limit: fewer, larger P-DATA PDUs from peers that allow it
+        # the largest P-DATA PDU a peer may send (dicom_node.edge refuses larger ones unread)
+        ae.maximum_pdu_size = self.cfg.limits.max_pdu_bytes
+        edge.install(edge.Limits(self.cfg.limits.max_associate_rq_bytes, self.cfg.limits.max_pdu_bytes,
+                                 self.cfg.limits.pdu_seconds))
         ae.network_timeout = 60
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
@@ -256,9 +261,16 @@ class Listener:
 
     def _on_rejected(self, event) -> None:
         req = event.assoc.requestor
-        called = getattr(req.primitive, "called_ae_title", "") if req.primitive else ""
-        log.warning("association rejected: calling AE %r from %s, called AE %r (not %r) or no capacity",
-                    req.ae_title, req.address, str(called).strip(), self.cfg.node.ae_title)
+        called = str(getattr(req.primitive, "called_ae_title", "") if req.primitive else "").strip()
+        answer = event.assoc.acceptor.primitive
+        source, diagnostic = getattr(answer, "result_source", None), getattr(answer, "diagnostic", None)
+        if source == 0x03 and diagnostic == 0x02:
+            why = f"no capacity (node.max_associations = {self.cfg.node.max_associations} in use)"
+        elif called != self.cfg.node.ae_title:
+            why = f"called AE {called!r} is not {self.cfg.node.ae_title!r}"
+        else:
+            why = f"rejected by the association layer (source {source}, reason {diagnostic})"
+        log.warning("association rejected: calling AE %r from %s: %s", req.ae_title, req.address, why)
 
     def _on_closed(self, event) -> None:
         with self._lock:
@@ -283,7 +295,8 @@ class Listener:
             log.warning("C-STORE from %s refused with 0x%04X: %s", calling, status, exc)
         except Exception as exc:  # never let an error escape into pynetdicom's thread
             status = dicom_status_for(exc)
-            log.error("C-STORE from %s failed with 0x%04X: %s: %s", calling, status, type(exc).__name__, exc)
+            # an unexpected error's text may quote a value: its type (and tag) only
+            log.error("C-STORE from %s failed with 0x%04X: %s", calling, status, describe_error(exc))
         if st is not None:
             if status == 0x0000:
                 st.stored += 1
@@ -302,12 +315,20 @@ class Listener:
         try:
             ds = event.dataset
         except Exception as exc:
-            raise InvalidDataset(f"dataset cannot be decoded: {type(exc).__name__}: {exc}") from None
+            raise InvalidDataset(f"dataset cannot be decoded: {describe_error(exc)}") from None
         meta = instance_meta(ds, sop_class, sop_instance, str(context.transfer_syntax))
         data = event.encoded_dataset()
+        if self.index.patient_conflict(meta):
+            raise PatientConflict("the study belongs to another patient than this instance names")
         rel = self.store.instance_relpath(meta.StudyInstanceUID, meta.SOPInstanceUID)
         stored = self.store.write(rel, data)
-        outcome = self.index.record_instance(meta, rel, stored.size, calling, self.quiet)
+        try:
+            outcome = self.index.record_instance(meta, rel, stored.size, calling, self.quiet)
+        except PatientConflict:
+            # refused: its file must not stay (unless it replaced an indexed copy of the same instance)
+            if not self.index.has_instance_file(rel):
+                self.store.delete(rel)
+            raise
         if outcome.obsolete_file:
             self.store.delete(outcome.obsolete_file)
         st = self._stats.get(id(event.assoc))

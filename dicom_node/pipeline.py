@@ -185,11 +185,29 @@ def _signal(conn, byte: bytes) -> None:
         pass
 
 
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """Ask Linux to SIGKILL this process when its parent (the node) dies, however it dies: a worker
+    loading the model when the node is killed would otherwise run on (with its resource tracker).
+    The worker's control pipe also reaches EOF when the node dies; this covers the time before the
+    worker reads it. A no-op where prctl is not available."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:  # the node died before prctl: no signal will come
+        os._exit(1)
+
+
 def worker_main(cfg: Config, n: int, control, done, parent_pid: int | None = None) -> None:
     """Entry point of an inference worker process."""
     from dicom_node.logs import setup_logging
 
     setup_logging(cfg.logging.level)
+    die_with_parent(parent_pid)
     # receiving must not slow down while the model works: the worker runs at a lower priority and,
     # on the CPU, leaves a core to the listener
     if cfg.pipeline.nice:

@@ -34,6 +34,7 @@ import pydicom
 from pydicom import Dataset
 from pydicom.filebase import DicomBytesIO
 
+from dicom_node import header_clean
 from dicom_node.config import OUTPUT_KINDS, RoutingRule, RoutingSection
 from dicom_node.results_dicom import ResultObjects, build_result_objects, card_concepts, write_result_objects
 from dicom_node.routing import ImageFacts, apply_heads, destinations
@@ -222,6 +223,13 @@ def encode(images: Sequence[LoadedImage], results: Sequence[ImageResult], model:
     Raises :class:`~dicom_node.errors.EncodingError`."""
     pairs = [(im.ds, replace(r, image_id=str(im.ds.SOPInstanceUID)) if r.image_id != im.ds.get("SOPInstanceUID")
               else r) for im, r in zip(images, results, strict=True) if im.ds is not None]
+    # a bad value in a copied attribute is emptied, not fatal; an image naming another patient is left out
+    pairs = [(header_clean.clean(ds, f"image {i}"), r) for i, (ds, r) in enumerate(pairs, 1)]
+    keep, other = header_clean.one_patient([ds for ds, _ in pairs])
+    for i in other:
+        log.warning("image %d names another patient than the study's first image; left out of the study's "
+                    "results", i + 1)
+    pairs = [pairs[i] for i in keep]
     return build_result_objects([d for d, _ in pairs], [r for _, r in pairs], model, result_version=result_version,
                                 predecessor=predecessor,
                                 concept_overrides=card_concepts(card) if card is not None else None)

@@ -13,3 +13,8 @@ class StorageError(Exception):
 
 class OutOfResources(StorageError):
     """Not enough free space (or another resource) to accept data."""
+
+
+class PatientConflict(StorageError):
+    """An instance names another patient than the study it belongs to (the study's first instance
+    decided the patient). Not a resource problem: the instance is refused, the study goes on."""

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from storage import migrate, states
 from storage.database import Database
+from storage.errors import PatientConflict
 from storage.models import Instance, Patient, Series, Study, StudyState, iso_utc, utcnow
 
 log = logging.getLogger("storage.index")
@@ -96,6 +97,20 @@ class Index:
             lambda s: self._record(s, meta, file_path, file_size, calling_ae, quiet_seconds, now),
             "recording an instance")
 
+    def patient_conflict(self, meta: InstanceMeta) -> bool:
+        """Whether ``meta``'s study is already in the index under another patient than ``meta`` names."""
+        with self.db.read() as s:
+            row = s.execute(select(Patient.PatientID, Patient.IssuerOfPatientID)
+                            .join(Study, Study.patient_id == Patient.id)
+                            .where(Study.StudyInstanceUID == meta.StudyInstanceUID)).one_or_none()
+        return row is not None and (row[0], row[1]) != (_clip(meta.PatientID, 64), _clip(meta.IssuerOfPatientID, 64))
+
+    def has_instance_file(self, file_path: str) -> bool:
+        """Whether an indexed instance is stored at ``file_path``."""
+        with self.db.read() as s:
+            n = s.scalar(select(func.count()).select_from(Instance).where(Instance.file_path == file_path))
+        return (n or 0) > 0
+
     @staticmethod
     def _record(s: Session, m: InstanceMeta, file_path: str, file_size: int, calling_ae: str, quiet_seconds: float,
                 now: dt.datetime) -> RecordOutcome:
@@ -122,6 +137,9 @@ class Index:
             s.add(study)
             s.flush()
         else:
+            if study.patient_id != patient.id:
+                # rolls back this transaction (the patient row made for it included)
+                raise PatientConflict(f"study {m.StudyInstanceUID} belongs to another patient than this instance names")
             if study.state == StudyState.RECEIVING.value:
                 event_name = "instance"
             else:

@@ -18,10 +18,13 @@ def test_orthanc_pushes_a_study_and_the_node_indexes_it(make_node, tmp_path):
         files = [copy_with_new_uids(p, tmp_path / "cr" / p.name, study_uid=study_uid)
                  for p in pydicom_radiographs()]
         patient_id = pydicom.dcmread(files[0], stop_before_pixels=True).PatientID
+        for f in files:  # the pydicom-data files name two patients; a study names one (the node refuses others)
+            ds = pydicom.dcmread(f)
+            ds.PatientID = patient_id
+            ds.save_as(f, enforce_file_format=True)
         files += write_dx_study(tmp_path / "dx", fracatlas_images(3), study_uid=study_uid, patient_id=patient_id)
         for f in files:
             pacs.upload(f)
-        # (the pydicom-data images carry two patient IDs, so Orthanc files them as two studies)
         pacs.store_to("msknode", pacs.get("/studies"))
 
         studies = node.wait_for(lambda: [s for s in node.studies() if s["StudyInstanceUID"] == study_uid],

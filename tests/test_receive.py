@@ -108,3 +108,30 @@ def test_cli_status_and_studies_json(node):
     assert study["state"] in ("receiving", "stable")
     text = node.cli("studies").stdout
     assert study["StudyInstanceUID"] in text
+
+
+def test_an_image_naming_another_patient_is_refused_and_the_study_goes_on(node, tmp_path):
+    """The study's first image decides its patient; a later image of the same study that names another
+    patient is refused with 0xC210 and not stored, re-sending the first image is still fine."""
+    from pynetdicom import AE
+
+    first = copy_with_new_uids(pydicom_radiographs()[3], tmp_path / "first.dcm")
+    ds1 = pydicom.dcmread(first)
+    ds2 = pydicom.dcmread(first)
+    ds2.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds2.PatientID = "ANOTHER-PATIENT"
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(ds1.SOPClassUID, ds1.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="MSKNODE")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(ds1).Status == 0x0000
+        assert assoc.send_c_store(ds2).Status == 0xC210
+        assert assoc.send_c_store(ds1).Status == 0x0000
+    finally:
+        assoc.release()
+    rows = _by_uid(node, ds1.StudyInstanceUID)
+    assert set(rows) == {ds1.SOPInstanceUID}
+    assert len(list((node.storage / "instances").rglob("*.dcm"))) == 1
+    assert "ANOTHER-PATIENT" not in node.log()
+    assert "PatientConflict" in node.log() or "another patient" in node.log()

@@ -19,6 +19,7 @@ import dicom_node
 from dicom_node.errors import EncodingError
 from dicom_node.identity import derive_uid
 from dicom_node.ko import enum
+from dicom_node.logs import describe_error
 from dicom_node.result_series import created_now, stamp
 
 #: the Patient and General Study attributes the note takes over from the rejected objects
@@ -104,6 +105,6 @@ def build_rejection_note(rejected: Sequence[Dataset], *, rejected_versions: Sequ
             software_versions=dicom_node.__version__,
         )
     except (ValueError, TypeError, AttributeError) as exc:
-        raise EncodingError(f"the rejection note could not be built: {exc}") from exc
+        raise EncodingError(f"the rejection note could not be built: {describe_error(exc)}") from exc
     stamp(doc, created_now())  # Series/Content/Instance Creation Date and Time, as on every result object
     return doc

@@ -20,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 import dicom_node
 from dicom_node.errors import EncodingError, ImageNotProcessable
 from dicom_node.identity import ResultIdentity
+from dicom_node.logs import describe_error
 from dicom_node.pr import content, enum
 from dicom_node.result_series import created_now, series_description, stamp
 from dicom_node.sr import content as sr_content
@@ -134,7 +135,7 @@ def build_gsps(ds: Dataset, result: ImageResult, model: ModelInfo, identity: Res
             coding_schemes=[sr_content.ihe_scheme()],
         )
     except (ValueError, TypeError, AttributeError) as exc:
-        raise EncodingError(f"the presentation state could not be built: {exc}") from exc
+        raise EncodingError(f"the presentation state could not be built: {describe_error(exc)}") from exc
     content.overlay_elements(pr, drawn, rows, columns)
     # highdicom types SoftwareVersions as str | tuple[str] (one-tuple); the LO element is multi-valued
     pr.SoftwareVersions = [model.version[:64], f"msk-dicom-node {dicom_node.__version__}"]  # type: ignore[assignment]

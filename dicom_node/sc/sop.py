@@ -21,6 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 import dicom_node
 from dicom_node.errors import EncodingError
 from dicom_node.identity import ResultIdentity
+from dicom_node.logs import describe_error
 from dicom_node.result_series import created_now, series_description, stamp
 from dicom_node.sc import enum
 from dicom_node.sr import content as sr_content
@@ -108,7 +109,7 @@ def build_sc(pixels: np.ndarray, sources: Sequence[Dataset], model: ModelInfo, i
             coding_schemes=[sr_content.ihe_scheme()],
         )
     except (ValueError, TypeError, AttributeError) as exc:
-        raise EncodingError(f"the secondary capture could not be built: {exc}") from exc
+        raise EncodingError(f"the secondary capture could not be built: {describe_error(exc)}") from exc
     # patient orientation: the image is not rotated or flipped, so the source's value holds (Type 2C: may be empty)
     orientation = list(first.get("PatientOrientation") or []) if len(sources) == 1 else []
     # highdicom types PatientOrientation as list[str]; the Type 2C element may be empty

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 import dicom_node
 from dicom_node.errors import EncodingError
 from dicom_node.identity import ResultIdentity
+from dicom_node.logs import describe_error
 from dicom_node.result_series import created_now, series_description, stamp
 from dicom_node.sr import content as c
 from dicom_node.sr import enum
@@ -105,7 +106,7 @@ def build_sr(sources: Sequence[Dataset], results: Sequence[ImageResult], model: 
             coding_schemes=c.coding_schemes(report[0]),
         )
     except (ValueError, TypeError, AttributeError) as exc:
-        raise EncodingError(f"the SR could not be built: {exc}") from exc
+        raise EncodingError(f"the SR could not be built: {describe_error(exc)}") from exc
     if n_failed:
         sr.CompletionFlagDescription = f"{n_failed} of {len(results)} images not processed"[:64]
     # highdicom types SoftwareVersions as str | tuple[str] (one-tuple); the LO element is multi-valued
