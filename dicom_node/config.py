@@ -128,6 +128,20 @@ class LimitsSection(_Section):
     max_associate_rq_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 65536
     max_pdu_bytes: Annotated[int, Field(ge=16384, le=1 << 28)] = 4 << 20  # advertised as Maximum Length Received
     pdu_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0  # a whole PDU, once its header arrived
+    # connections accepted but not yet associated (dicom_node.connections); they never count against
+    # node.max_associations
+    max_pending_connections: Annotated[int, Field(ge=1, le=1000)] = 16
+    max_pending_per_address: Annotated[int, Field(ge=1, le=1000)] = 4
+    associate_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0  # accept to a whole A-ASSOCIATE-RQ (TLS included)
+    idle_seconds: Annotated[float, Field(gt=0, le=86400)] = 60.0  # an association with no PDU this long is aborted
+
+    @model_validator(mode="after")
+    def _per_address_within_budget(self) -> LimitsSection:
+        if self.max_pending_per_address > self.max_pending_connections:
+            raise ValueError(f"max_pending_per_address ({self.max_pending_per_address}) is more than "
+                             f"max_pending_connections ({self.max_pending_connections}): one address could take "
+                             f"the whole budget")
+        return self
 
 
 class StudySection(_Section):

@@ -9,7 +9,6 @@ cannot understand) and a log line; the association and the node go on.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 import socket
@@ -26,6 +25,8 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node import edge, tls
 from dicom_node.config import Config
+from dicom_node.connections import ConnectionBudget, normalise_address
+from dicom_node.connections import start_server as start_node_server
 from dicom_node.errors import EXPECTED_ERRORS, DatasetMismatch, InvalidDataset, dicom_status_for
 from dicom_node.logs import describe_error
 from dicom_node.sop import NATIVE_SYNTAXES, STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
@@ -136,26 +137,14 @@ class _AssocStats:
     bytes: int = 0
 
 
-def _normalise(address: str | None) -> str | None:
-    if not address:
-        return None
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return str(ip)
-
-
 def _resolve(host: str) -> set[str]:
     try:
         infos = socket.getaddrinfo(host, None)
     except socket.gaierror:
         log.warning("peer host %s does not resolve; that peer cannot connect", host)
         return set()
-    # AF_INET/AF_INET6 results: the address is a non-empty str, so _normalise gives a str
-    return {cast(str, _normalise(cast(str, i[4][0]))) for i in infos}
+    # AF_INET/AF_INET6 results: the address is a non-empty str, so normalise_address gives a str
+    return {cast(str, normalise_address(cast(str, i[4][0]))) for i in infos}
 
 
 class Listener:
@@ -170,6 +159,9 @@ class Listener:
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
         self.server: ThreadedAssociationServer | None = None
+        lim = cfg.limits
+        self.budget = ConnectionBudget(cfg.node.max_associations, lim.max_pending_connections,
+                                       lim.max_pending_per_address, lim.associate_seconds)
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -177,13 +169,17 @@ class Listener:
         self._peers = {p.ae_title: (_resolve(p.host) if p.host else None) for p in self.cfg.peers}
         ae = AE(self.cfg.node.ae_title)
         ae.require_called_aet = True
-        ae.maximum_associations = self.cfg.node.max_associations
+        # node.max_associations is enforced by the ConnectionBudget on A-ASSOCIATE-RQ, where only associations
+        # count; pynetdicom counts every accepted socket, so its own limit only has to stay out of the way
+        lim = self.cfg.limits
+        ae.maximum_associations = self.cfg.node.max_associations + 2 * lim.max_pending_connections + 16
         # the largest P-DATA PDU a peer may send (dicom_node.edge refuses larger ones unread)
         ae.maximum_pdu_size = self.cfg.limits.max_pdu_bytes
         edge.install(edge.Limits(self.cfg.limits.max_associate_rq_bytes, self.cfg.limits.max_pdu_bytes,
                                  self.cfg.limits.pdu_seconds))
-        ae.network_timeout = 60
-        ae.acse_timeout = 30
+        ae.network_timeout = lim.idle_seconds  # an association with no PDU this long is aborted
+        # how long an acceptor thread waits for an A-ASSOCIATE-RQ: a backstop; the budget closes them first
+        ae.acse_timeout = lim.associate_seconds + 5
         ae.dimse_timeout = 60
         ae.add_supported_context(Verification)
         for sop_class in STORAGE_SOP_CLASSES:
@@ -193,6 +189,8 @@ class Listener:
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
         handlers: list[EventHandlerType] = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -202,10 +200,9 @@ class Listener:
             (evt.EVT_ABORTED, self._on_closed),
         ]
         address = (self.cfg.node.bind, self.cfg.node.port)
-        if self.cfg.node.tls.enabled:  # TLS only on node.port; the handshake out of the accept loop
-            self.server = tls.start_server(self.ae, address, tls.server_context(self.cfg.node.tls), handlers)
-        else:
-            self.server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+        # TLS only on node.port when enabled, its handshake out of the accept loop
+        ctx = tls.server_context(self.cfg.node.tls) if self.cfg.node.tls.enabled else None
+        self.server = start_node_server(self.ae, address, ctx, handlers, self.budget)
         log.info("listening as %s on %s:%d%s (%d peer(s) allowed)", self.cfg.node.ae_title, self.cfg.node.bind,
                  self.cfg.node.port, " (DICOM TLS)" if self.cfg.node.tls.enabled else "", len(self.cfg.peers))
 
@@ -213,8 +210,16 @@ class Listener:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+        self.budget.stop()
 
     # -- events --------------------------------------------------------------
+    def _on_conn_open(self, event) -> None:
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        self.budget.opened(id(event.assoc), sock)
+
+    def _on_conn_close(self, event) -> None:
+        self.budget.closed(id(event.assoc))
+
     def _on_requested(self, event) -> None:
         """A-ASSOCIATE-RQ received: admit only configured peers, then prefer the caller's own syntaxes.
 
@@ -225,7 +230,8 @@ class Listener:
         assoc = event.assoc
         rq = assoc.requestor.primitive
         calling = str(rq.calling_ae_title).strip()
-        address = _normalise(assoc.requestor.address)
+        address = normalise_address(assoc.requestor.address)
+        self.budget.requested(id(assoc))
         if calling not in self._peers:
             log.warning("association rejected: calling AE %r from %s is not a configured peer", calling, address)
             self._reject(assoc)
@@ -235,6 +241,12 @@ class Listener:
             log.warning("association rejected: calling AE %r connected from %s, not from its configured host",
                         calling, address)
             self._reject(assoc)
+            return
+        if not self.budget.request(id(assoc)):
+            log.warning("association rejected: calling AE %r from %s: no capacity (node.max_associations = %d "
+                        "in use); the peer may try again", calling, address, self.cfg.node.max_associations)
+            assoc.acse.send_reject(0x02, 0x03, 0x02)  # rejected-transient, service provider (presentation), local
+            assoc.kill()  # limit exceeded
             return
         order: dict[str, list[str]] = {}
         for cx in rq.presentation_context_definition_list:
@@ -265,7 +277,7 @@ class Listener:
         answer = event.assoc.acceptor.primitive
         source, diagnostic = getattr(answer, "result_source", None), getattr(answer, "diagnostic", None)
         if source == 0x03 and diagnostic == 0x02:
-            why = f"no capacity (node.max_associations = {self.cfg.node.max_associations} in use)"
+            why = f"pynetdicom's connection limit ({self.ae.maximum_associations} connections) reached"
         elif called != self.cfg.node.ae_title:
             why = f"called AE {called!r} is not {self.cfg.node.ae_title!r}"
         else:
@@ -273,6 +285,7 @@ class Listener:
         log.warning("association rejected: calling AE %r from %s: %s", req.ae_title, req.address, why)
 
     def _on_closed(self, event) -> None:
+        self.budget.closed(id(event.assoc))
         with self._lock:
             st = self._stats.pop(id(event.assoc), None)
         if st is None:
