@@ -134,6 +134,12 @@ class LimitsSection(_Section):
     max_pending_per_address: Annotated[int, Field(ge=1, le=1000)] = 4
     associate_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0  # accept to a whole A-ASSOCIATE-RQ (TLS included)
     idle_seconds: Annotated[float, Field(gt=0, le=86400)] = 60.0  # an association with no PDU this long is aborted
+    # Rows x Columns x frames an image may declare (dicom_node.imagesize); its codestreams must agree
+    max_image_megapixels: Annotated[float, Field(gt=0, le=10000)] = 100.0
+
+    @property
+    def max_image_pixels(self) -> int:
+        return int(self.max_image_megapixels * 1e6)
 
     @model_validator(mode="after")
     def _per_address_within_budget(self) -> LimitsSection:

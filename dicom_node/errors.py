@@ -10,8 +10,8 @@ from __future__ import annotations
 from inference.errors import BundleError, ImageNotProcessable, InferenceError
 from storage.errors import OutOfResources, PatientConflict, StorageError
 
-__all__ = ["NodeError", "ConfigError", "InvalidDataset", "DatasetMismatch", "EncodingError", "StorageError",
-           "OutOfResources", "InferenceError", "ImageNotProcessable", "BundleError", "dicom_status_for",
+__all__ = ["NodeError", "ConfigError", "InvalidDataset", "DatasetMismatch", "ImageTooLarge", "EncodingError",
+           "StorageError", "OutOfResources", "InferenceError", "ImageNotProcessable", "BundleError", "dicom_status_for",
            "EXPECTED_ERRORS", "OUT_OF_RESOURCES", "SOP_CLASS_MISMATCH", "CANNOT_UNDERSTAND"]
 
 #: C-STORE failure statuses (PS3.4 Annex B.2.3)
@@ -41,6 +41,11 @@ class InvalidDataset(NodeError):
 
 class DatasetMismatch(InvalidDataset):
     """The dataset does not match the SOP class it was sent under."""
+
+
+class ImageTooLarge(InvalidDataset):
+    """The image declares more pixels than ``limits.max_image_megapixels``, or its codestream declares
+    another size than its Rows and Columns: refused before anything decodes it (0xC210, not retried)."""
 
 
 class EncodingError(NodeError):

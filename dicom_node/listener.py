@@ -23,11 +23,11 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
-from dicom_node import edge, tls
+from dicom_node import edge, imagesize, tls
 from dicom_node.config import Config
 from dicom_node.connections import ConnectionBudget, normalise_address
 from dicom_node.connections import start_server as start_node_server
-from dicom_node.errors import EXPECTED_ERRORS, DatasetMismatch, InvalidDataset, dicom_status_for
+from dicom_node.errors import EXPECTED_ERRORS, DatasetMismatch, ImageTooLarge, InvalidDataset, dicom_status_for
 from dicom_node.logs import describe_error
 from dicom_node.sop import NATIVE_SYNTAXES, STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from storage.errors import PatientConflict
@@ -65,12 +65,14 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def instance_meta(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> InstanceMeta:
+def instance_meta(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+                  max_pixels: int | None = None) -> InstanceMeta:
     """Check a received dataset and take the attributes the index keeps.
 
     ``sop_class_uid``/``sop_instance_uid`` are those of the C-STORE request
-    (Affected SOP Class/Instance UID); ``transfer_syntax`` the context's.
-    Raises :class:`InvalidDataset` (0xC210) or :class:`DatasetMismatch` (0xA900).
+    (Affected SOP Class/Instance UID); ``transfer_syntax`` the context's; ``max_pixels`` the most
+    pixels an image may declare (``limits.max_image_megapixels``; None: no limit).
+    Raises :class:`InvalidDataset` (0xC210), :class:`ImageTooLarge` (0xC210) or :class:`DatasetMismatch` (0xA900).
     """
     try:
         uids = {k: ds.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
@@ -86,6 +88,11 @@ def instance_meta(ds: Dataset, sop_class_uid: str, sop_instance_uid: str, transf
     if str(uids["SOPInstanceUID"]) != sop_instance_uid:
         raise InvalidDataset("SOPInstanceUID differs from the Affected SOP Instance UID of the request")
     _check_pixel_data(ds, transfer_syntax)
+    if max_pixels is not None:
+        try:
+            imagesize.check(ds, transfer_syntax, max_pixels)
+        except imagesize.DeclaredSizeError as exc:
+            raise ImageTooLarge(f"refused before decoding: {exc}") from None
 
     laterality = _text(ds, "ImageLaterality") or _text(ds, "Laterality")
     return InstanceMeta(
@@ -124,6 +131,15 @@ def _check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
         value = ds["PixelData"].value
         if not value or len(value) < 8 or value[:4] != b"\xfe\xff\x00\xe0":
             raise InvalidDataset("encapsulated Pixel Data has no Basic Offset Table item (truncated or corrupt)")
+
+
+def _status(status: int, comment: str) -> Dataset:
+    """A C-STORE response status with an Error Comment (0000,0902): LO, 64 characters, printable ASCII."""
+    ds = Dataset()
+    ds.Status = status
+    text = "".join(c if " " <= c <= "~" and c != "\\" else " " for c in comment)
+    ds.ErrorComment = text[:61] + "..." if len(text) > 64 else text
+    return ds
 
 
 @dataclass
@@ -298,24 +314,29 @@ class Listener:
     def _on_echo(self, event) -> int:
         return 0x0000
 
-    def _on_store(self, event) -> int:
+    def _on_store(self, event) -> int | Dataset:
         st = self._stats.get(id(event.assoc))
         calling = event.assoc.requestor.ae_title
+        comment = None
         try:
             status = self._store(event, calling)
         except EXPECTED_ERRORS as exc:
             status = dicom_status_for(exc)
+            comment = str(exc)  # the node's own messages name keys, tags and sizes, never a value
             log.warning("C-STORE from %s refused with 0x%04X: %s", calling, status, exc)
         except Exception as exc:  # never let an error escape into pynetdicom's thread
             status = dicom_status_for(exc)
             # an unexpected error's text may quote a value: its type (and tag) only
-            log.error("C-STORE from %s failed with 0x%04X: %s", calling, status, describe_error(exc))
+            comment = describe_error(exc)
+            log.error("C-STORE from %s failed with 0x%04X: %s", calling, status, comment)
         if st is not None:
             if status == 0x0000:
                 st.stored += 1
             else:
                 st.failed += 1
-        return status
+        if comment is None:
+            return status
+        return _status(status, comment)
 
     def _store(self, event, calling: str) -> int:
         request = event.request
@@ -329,7 +350,8 @@ class Listener:
             ds = event.dataset
         except Exception as exc:
             raise InvalidDataset(f"dataset cannot be decoded: {describe_error(exc)}") from None
-        meta = instance_meta(ds, sop_class, sop_instance, str(context.transfer_syntax))
+        meta = instance_meta(ds, sop_class, sop_instance, str(context.transfer_syntax),
+                             self.cfg.limits.max_image_pixels)
         data = event.encoded_dataset()
         if self.index.patient_conflict(meta):
             raise PatientConflict("the study belongs to another patient than this instance names")

@@ -130,7 +130,8 @@ class Pipeline:
         if claim.updated and claim.result_version and not self.cfg.pipeline.rerun_on_late_images:
             self.jobs.skip(claim, "late images after results: re-run disabled (pipeline.rerun_on_late_images)")
             return "skipped (late images, re-run disabled)"
-        images = stages.load_instances(claim.instances, self.store.abspath, claim.calling_ae)
+        images = stages.load_instances(claim.instances, self.store.abspath, claim.calling_ae,
+                                           self.cfg.limits.max_image_pixels)
         results = stages.infer(self.model, images, self.cfg.pipeline.batch_size)
         self.jobs.heartbeat(claim)
         routed = stages.route(images, results, self.cfg.routing, claim.calling_ae)
