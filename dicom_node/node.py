@@ -71,6 +71,11 @@ class Node:
                   len(self.cfg.peers), self.cfg.study.quiet_seconds,
                   self.cfg.pipeline.workers if self.cfg.pipeline.enabled else "no", self.cfg.pipeline.batch_size)
         check_bundle(self.cfg)
+        # files a crash left between their write and their index row: nothing writes to the store yet
+        removed, freed = self.store.sweep(self.index.stored_paths())
+        if removed:
+            log.warning("start-up sweep: %d stored file(s) without an index row removed (%.1f MB), left by an "
+                        "earlier run that stopped between writing and indexing them", removed, freed / 1e6)
         released = self.jobs.release_claims(claim_prefix())
         if released:
             log.info("%d stud%s left inferring by an earlier run: back to stable", released,

@@ -158,3 +158,25 @@ def test_a_trickled_pdu_is_cut_at_its_deadline(tmp_path):
                     closed = True
                     break
             assert closed and time.monotonic() - t0 < 10, "the trickle kept the connection open"
+
+
+def test_start_up_sweep_removes_stored_files_without_an_index_row(tmp_path):
+    """A file written but not indexed before a crash (planted here as such a crash leaves it) is removed at
+    the next start; indexed files, and the folders they live in, stay."""
+    from tests.peers import storescu
+
+    node = NodeProcess(tmp_path / "node", node_config(tmp_path / "node"))
+    with node:
+        assert storescu("127.0.0.1", node.port, pydicom_radiographs()[:1]).returncode == 0
+    kept = list((node.storage / "instances").rglob("*.dcm"))
+    assert len(kept) == 1
+    stray = [kept[0].parent / ("0" * 32 + ".dcm"), node.storage / "instances" / "ff" / ("f" * 32) / "1.dcm",
+             node.storage / "results" / "ee" / ("e" * 32) / "2.dcm"]
+    for p in stray:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"DICM" * 1000)
+    with node:
+        assert not any(p.exists() for p in stray)
+        assert not (node.storage / "instances" / "ff").exists()
+        assert kept[0].exists() and node.status()["instances"] == 1
+        assert "start-up sweep: 3 stored file(s) without an index row removed" in node.log()
