@@ -230,7 +230,16 @@ class PipelineSection(_Section):
     lease_seconds: Annotated[float, Field(gt=0)] = 600.0  # a claim not renewed for this long is taken back
     threads: Annotated[int, Field(ge=1, le=256)] | None = None  # CPU threads per worker; None: cores - 1
     nice: Annotated[int, Field(ge=0, le=19)] = 10  # workers yield the CPU to the listener
+    # the most memory (RLIMIT_DATA) one inference worker may take; None: no cap. Not with a CUDA device
+    memory_limit_mb: Annotated[int, Field(ge=1024)] | None = None
     max_attempts: Annotated[int, Field(ge=1)] = 3
+
+    @model_validator(mode="after")
+    def _cap_on_cpu_only(self) -> PipelineSection:
+        if self.memory_limit_mb is not None and self.device.startswith("cuda"):
+            raise ValueError("memory_limit_mb: a memory cap breaks CUDA's own mappings; leave it out with a CUDA "
+                             "device")
+        return self
 
 
 class RetentionSection(_Section):

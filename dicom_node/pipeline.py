@@ -186,6 +186,17 @@ def _signal(conn, byte: bytes) -> None:
         pass
 
 
+def cap_memory(megabytes: int) -> None:
+    """Cap this process's data segment (RLIMIT_DATA: heap and private anonymous mappings, where numpy and
+    torch allocate on the CPU): an allocation past it fails with MemoryError in this worker, never takes
+    the machine. CUDA reserves large private mappings, so ``pipeline.memory_limit_mb`` is for CPU workers."""
+    import resource
+
+    limit = megabytes * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    log.info("inference worker memory capped at %d MB (pipeline.memory_limit_mb)", megabytes)
+
+
 def die_with_parent(parent_pid: int | None = None) -> None:
     """Ask Linux to SIGKILL this process when its parent (the node) dies, however it dies: a worker
     loading the model when the node is killed would otherwise run on (with its resource tracker).
@@ -209,6 +220,8 @@ def worker_main(cfg: Config, n: int, control, done, parent_pid: int | None = Non
 
     setup_logging(cfg.logging.level)
     die_with_parent(parent_pid)
+    if cfg.pipeline.memory_limit_mb:
+        cap_memory(cfg.pipeline.memory_limit_mb)
     # receiving must not slow down while the model works: the worker runs at a lower priority and,
     # on the CPU, leaves a core to the listener
     if cfg.pipeline.nice:
