@@ -55,9 +55,10 @@ def cmd_check_config(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from dicom_node.node import Node
+    from dicom_node.node import Node, check_ports
 
     cfg = _load_config(args)
+    check_ports(cfg)  # a busy port: one line and exit status 2, before the index or storage is touched
     node = Node(cfg)
     node.serve_forever()
     return 0

@@ -55,6 +55,13 @@ def check_port_free(what: str, bind: str, port: int) -> None:
             raise _port_in_use(what, bind, port, exc) from None
 
 
+def check_ports(cfg: Config) -> None:
+    """Before anything starts (``serve``): the DICOM and HTTP ports are free, else one StartupError."""
+    check_port_free("node.port", cfg.node.bind, cfg.node.port)
+    if cfg.http.enabled:
+        check_port_free("http.port", cfg.http.bind, cfg.http.port)
+
+
 def open_store(cfg: Config) -> InstanceStore:
     """The instance store, its directories created and written once: unusable storage is one StartupError."""
     path = cfg.storage.path
@@ -217,7 +224,8 @@ class Node:
                      self.cfg.retention.max_age_days)
         return removed
 
-    def stop(self) -> None:
+    def stop(self, quiet: bool = False) -> None:
+        """Stop everything started; ``quiet``: after a failed start (its one line says it all)."""
         self._stop.set()
         if self.http is not None:
             self.http.stop()
@@ -232,7 +240,8 @@ class Node:
         if AUDIT.enabled:
             AUDIT.application(False)
             AUDIT.close()
-        log.info("stopped")
+        if not quiet:
+            log.info("stopped")
 
     def serve_forever(self) -> None:
         def _request_stop(signum, _frame):
@@ -244,7 +253,7 @@ class Node:
         try:
             self.start()
         except BaseException:
-            self.stop()
+            self.stop(quiet=True)
             raise
         try:
             self._stop.wait()

@@ -209,16 +209,21 @@ class OpsApp:
                                      "(or use `dicom-node retry`)\n", status_code=403)
         if not self._authorised(request):
             return self._unauthorised()
-        form = await request.form()
-        # a form from the status page carries a token-derived value: another site cannot post it (CSRF)
-        is_form = "form" in request.headers.get("content-type", "")
-        if is_form and not hmac.compare_digest(str(form.get("csrf", "")), self._csrf()):
+        from urllib.parse import parse_qs
+
+        body = (await request.body()).decode("utf-8", "replace")
+        form = {k: v[-1] for k, v in parse_qs(body).items()} \
+            if "x-www-form-urlencoded" in request.headers.get("content-type", "") else {}
+        # a browser sends basic-auth credentials by itself, also with another site's form (CSRF): such a
+        # post must carry the token-derived field of this node's page. A Bearer header no form can add.
+        basic = request.headers.get("authorization", "").lower().startswith("basic ")
+        if basic and not hmac.compare_digest(str(form.get("csrf", "")), self._csrf()):
             return PlainTextResponse("403: the form is not from this node's status page\n", status_code=403)
         study = str(form.get("study") or request.query_params.get("study") or "") or None
         from starlette.concurrency import run_in_threadpool
 
         n_deliveries, n_studies = await run_in_threadpool(self._retry, study)
-        if is_form:
+        if "text/html" in request.headers.get("accept", ""):
             return RedirectResponse(f"/?retried={n_deliveries}", status_code=303)
         return JSONResponse({"deliveries_requeued": n_deliveries, "studies_requeued": n_studies})
 
