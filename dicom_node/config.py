@@ -247,6 +247,34 @@ class RetentionSection(_Section):
     interval_minutes: Annotated[float, Field(gt=0)] = 60.0
 
 
+class HttpSection(_Section):
+    """The operations endpoint (dicom_node.ops_http): /healthz, /readyz, /metrics and the status page."""
+
+    enabled: bool = True
+    bind: Host = "127.0.0.1"  # off the DICOM port; localhost unless the operator opens it
+    port: Port = 8080
+    token: str | None = None  # when set, every endpoint but /healthz needs it (Bearer, or basic-auth password)
+    show_patient_data: bool = False  # patient name and ID on the status page
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: str | None) -> str | None:
+        if v is not None and len(v) < 16:
+            raise ValueError("an access token has at least 16 characters")
+        return v
+
+
+class AuditSection(_Section):
+    """The audit trail (dicom_node.audit): DICOM PS3.15 A.5 audit messages, one JSON record per line."""
+
+    enabled: bool = True
+    path: Path | None = None  # None: <storage.path>/audit/audit.jsonl
+    max_bytes: Annotated[int, Field(ge=4096)] = 10 << 20  # the file rotates at this size
+    backup_count: Annotated[int, Field(ge=0, le=1000)] = 10  # rotated files kept
+    syslog_host: Host | None = None  # also send each record to this syslog receiver (RFC 5424 over UDP)
+    syslog_port: Port = 514
+
+
 class LoggingSection(_Section):
     level: str = "INFO"
 
@@ -270,6 +298,8 @@ class Config(_Section):
     sending: SendingSection = SendingSection()
     retention: RetentionSection = RetentionSection()
     logging: LoggingSection = LoggingSection()
+    http: HttpSection = HttpSection()
+    audit: AuditSection = AuditSection()
 
     #: where the configuration was read from (not a YAML key)
     source: Path | None = Field(default=None, exclude=True)
@@ -286,6 +316,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _destinations(self) -> Config:
+        if self.http.enabled and self.http.port == self.node.port:
+            raise ValueError(f"http.port: {self.http.port} is node.port too; the operations endpoint needs "
+                             f"a port of its own")
         names = {p.ae_title for p in self.peers}
         for where, rule in [("routing.default", self.routing.default)] + \
                 [(f"routing.rules[{i}]", r) for i, r in enumerate(self.routing.rules)]:
@@ -366,7 +399,8 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     node = cfg.node.model_copy(update={"tls": resolved(cfg.node.tls, tls_files)})
     peers = [p.model_copy(update={"tls": resolved(p.tls, tls_files)}) if p.tls is not None else p
              for p in cfg.peers]
-    return cfg.model_copy(update={"storage": storage, "node": node, "peers": peers})
+    audit = resolved(cfg.audit, ("path",))
+    return cfg.model_copy(update={"storage": storage, "node": node, "peers": peers, "audit": audit})
 
 
 def parse_config(data: Any, *, source: str = "<config>", base: Path | None = None,

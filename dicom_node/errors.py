@@ -10,7 +10,8 @@ from __future__ import annotations
 from inference.errors import BundleError, ImageNotProcessable, InferenceError
 from storage.errors import OutOfResources, PatientConflict, StorageError
 
-__all__ = ["NodeError", "ConfigError", "InvalidDataset", "DatasetMismatch", "ImageTooLarge", "EncodingError",
+__all__ = ["NodeError", "ConfigError", "StartupError", "InvalidDataset", "DatasetMismatch", "ImageTooLarge",
+           "EncodingError",
            "StorageError", "OutOfResources", "InferenceError", "ImageNotProcessable", "BundleError", "dicom_status_for",
            "EXPECTED_ERRORS", "OUT_OF_RESOURCES", "SOP_CLASS_MISMATCH", "CANNOT_UNDERSTAND"]
 
@@ -33,6 +34,10 @@ class ConfigError(NodeError):
         where = f"{path}: " if path else ""
         at = f"{key}: " if key else ""
         super().__init__(f"{where}{at}{message}")
+
+
+class StartupError(NodeError):
+    """The node cannot start (a port in use, storage that cannot be used): one line, exit status 2."""
 
 
 class InvalidDataset(NodeError):

@@ -24,11 +24,13 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
 from dicom_node import edge, imagesize, tls
+from dicom_node.audit import AUDIT
 from dicom_node.config import Config
 from dicom_node.connections import ConnectionBudget, normalise_address
 from dicom_node.connections import start_server as start_node_server
 from dicom_node.errors import EXPECTED_ERRORS, DatasetMismatch, ImageTooLarge, InvalidDataset, dicom_status_for
 from dicom_node.logs import describe_error
+from dicom_node.metrics import METRICS
 from dicom_node.sop import NATIVE_SYNTAXES, STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from storage.errors import PatientConflict
 from storage.files import InstanceStore
@@ -151,6 +153,7 @@ class _AssocStats:
     failed: int = 0
     resent: int = 0
     bytes: int = 0
+    studies: dict[str, dict[str, int]] = field(default_factory=dict)  # study UID -> SOP class -> instances
 
 
 def _resolve(host: str) -> set[str]:
@@ -250,17 +253,21 @@ class Listener:
         self.budget.requested(id(assoc))
         if calling not in self._peers:
             log.warning("association rejected: calling AE %r from %s is not a configured peer", calling, address)
+            self._refused(calling, address, "calling AE title is not a configured peer")
             self._reject(assoc)
             return
         hosts = self._peers[calling]
         if hosts is not None and address not in hosts:
             log.warning("association rejected: calling AE %r connected from %s, not from its configured host",
                         calling, address)
+            self._refused(calling, address, "connected from another address than the peer's configured host")
             self._reject(assoc)
             return
         if not self.budget.request(id(assoc)):
             log.warning("association rejected: calling AE %r from %s: no capacity (node.max_associations = %d "
                         "in use); the peer may try again", calling, address, self.cfg.node.max_associations)
+            self._refused(calling, address, f"no capacity (node.max_associations = {self.cfg.node.max_associations} "
+                          "in use)")
             assoc.acse.send_reject(0x02, 0x03, 0x02)  # rejected-transient, service provider (presentation), local
             assoc.kill()  # limit exceeded
             return
@@ -277,6 +284,11 @@ class Listener:
         assoc.acceptor.supported_contexts = contexts
 
     @staticmethod
+    def _refused(calling: str, address: str | None, why: str) -> None:
+        METRICS.associations.labels("rejected", METRICS.ae(calling)).inc()
+        AUDIT.refused(calling, address, why)
+
+    @staticmethod
     def _reject(assoc) -> None:
         """A-ASSOCIATE-RJ: rejected-permanent, service user, calling AE title not recognised."""
         assoc.acse.send_reject(0x01, 0x01, 0x03)
@@ -286,6 +298,8 @@ class Listener:
         req = event.assoc.requestor
         with self._lock:
             self._stats[id(event.assoc)] = _AssocStats(req.ae_title, f"{req.address}:{req.port}")
+        METRICS.associations.labels("accepted", METRICS.ae(req.ae_title)).inc()
+        AUDIT.association(True, str(req.ae_title).strip(), normalise_address(req.address))
 
     def _on_rejected(self, event) -> None:
         req = event.assoc.requestor
@@ -299,6 +313,7 @@ class Listener:
         else:
             why = f"rejected by the association layer (source {source}, reason {diagnostic})"
         log.warning("association rejected: calling AE %r from %s: %s", req.ae_title, req.address, why)
+        self._refused(str(req.ae_title).strip(), normalise_address(req.address), why)
 
     def _on_closed(self, event) -> None:
         self.budget.closed(id(event.assoc))
@@ -310,6 +325,10 @@ class Listener:
         log.info("association %s: calling AE %s from %s, %d stored (%d re-sent), %d failed, %.1f MB in %.2f s",
                  how, st.calling_ae, st.address, st.stored, st.resent, st.failed, st.bytes / 1e6,
                  time.monotonic() - st.started)
+        address = normalise_address(event.assoc.requestor.address)
+        for study_uid, classes in st.studies.items():
+            AUDIT.received(st.calling_ae.strip(), address, study_uid, sum(classes.values()), classes)
+        AUDIT.association(False, st.calling_ae.strip(), address)
 
     def _on_echo(self, event) -> int:
         return 0x0000
@@ -334,6 +353,7 @@ class Listener:
                 st.stored += 1
             else:
                 st.failed += 1
+        METRICS.c_store.labels(f"0x{status:04X}", METRICS.ae(calling)).inc()
         if comment is None:
             return status
         return _status(status, comment)
@@ -367,9 +387,12 @@ class Listener:
         if outcome.obsolete_file:
             self.store.delete(outcome.obsolete_file)
         st = self._stats.get(id(event.assoc))
+        METRICS.received_bytes.inc(stored.size)
         if st is not None:
             st.bytes += stored.size
             st.resent += int(outcome.resent)
+            per_class = st.studies.setdefault(meta.StudyInstanceUID, {})
+            per_class[sop_class] = per_class.get(sop_class, 0) + 1
         if outcome.event != "instance":
             log.info("study %s: %s (calling AE %s)", outcome.StudyInstanceUID,
                      "new study, receiving" if outcome.event == "new_study" else "late instance, receiving again",

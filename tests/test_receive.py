@@ -99,6 +99,7 @@ def test_resend_replaces_and_late_image_reopens_stable_study(node, tmp_path):
 
 def test_cli_status_and_studies_json(node):
     st = node.status()
+    assert st.pop("node")["running"] is True  # asked through the node's /healthz
     assert st == {"instances": 0, "studies": 0,
                   "studies_by_state": {k: 0 for k in ("receiving", "stable", "inferring", "results_ready", "sent",
                                                       "failed", "skipped")}}
