@@ -53,6 +53,10 @@ def _bad(ds: Dataset, keyword: str) -> str | None:
             for v in values:
                 if v is None or v == "":
                     continue
+                if elem.VR in ("DS", "IS") and not isinstance(v, str):
+                    # pydicom has converted the string (DSfloat, IS): validate the string it came from,
+                    # not the number (validate_value refuses any number for these VRs)
+                    v = getattr(v, "original_string", None) or str(v)
                 validate_value(elem.VR, v, pydicom_config.RAISE)
             str(value)
     except Exception as exc:  # any conversion or validation failure: the value is not usable

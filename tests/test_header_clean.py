@@ -52,3 +52,22 @@ def test_clean_keeps_a_good_header_and_empties_type_2():
     out = clean(ds)
     assert out is not ds and out.PatientBirthDate == "" and out.PatientName == "" and out.PatientID == "P1"
     assert one_patient([ds, out]) == ([0, 1], [])
+
+
+def test_good_values_are_kept_whole(tmp_path, caplog):
+    """A well-formed image loses nothing: its numbers (IS, DS: pydicom converts them) are kept."""
+    from dicom_node.header_clean import _bad
+
+    rg3 = pydicom.dcmread(pydicom.data.get_testdata_file("RG3_UNCR.dcm"))
+    dx = dx_study(tmp_path, n=1)[0]
+    for ds in (rg3, dx):
+        bad = {e.keyword: _bad(ds, e.keyword) for e in ds if e.keyword and e.keyword != "PixelData"}
+        assert {k: v for k, v in bad.items() if v} == {}
+        assert isinstance(ds.InstanceNumber, int) and ds.WindowCenter is not None
+    with caplog.at_level(logging.WARNING):
+        cleaned = clean(dx, "image 1")
+    assert "cannot be used" not in caplog.text
+    assert cleaned.InstanceNumber == dx.InstanceNumber and cleaned.PixelSpacing == dx.PixelSpacing
+    # a value that is not a number for its VR is still caught
+    dx.InstanceNumber = "1.5"
+    assert _bad(dx, "InstanceNumber") is not None
