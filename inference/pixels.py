@@ -42,12 +42,19 @@ def _photometric(ds) -> str:
     return pi
 
 
-def _first_frame(ds):
-    """Decoded stored values of the first frame (RGB for colour images)."""
+def _first_frame(ds, min_long_side: int | None = None):
+    """Decoded stored values of the first frame (RGB for colour images); with ``min_long_side``, of
+    a greyscale image, possibly at a reduced resolution (see :mod:`inference.reduced`)."""
     from pydicom.pixels import pixel_array
 
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageNotProcessable("the dataset has no pixel data")
+    if min_long_side is not None and _photometric(ds) in GREY:
+        from inference.reduced import reduced_frame
+
+        reduced = reduced_frame(ds, min_long_side)
+        if reduced is not None:
+            return reduced
     try:
         n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
@@ -69,10 +76,15 @@ def _to_grey(rgb: np.ndarray) -> np.ndarray:
     return 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
 
 
-def decode_pixels(ds) -> np.ndarray:
-    """First frame of ``ds`` as float32 ``(rows, columns)``, modality LUT applied, colour made grey."""
+def decode_pixels(ds, min_long_side: int | None = None) -> np.ndarray:
+    """First frame of ``ds`` as float32 ``(rows, columns)``, modality LUT applied, colour made grey.
+
+    ``min_long_side``: a smaller image will do, as long as its long side is at least this many
+    pixels; JPEG 2000 and JPEG images are then decoded at a reduced resolution where the codec
+    allows it (:mod:`inference.reduced`), the same modality LUT applied to the reduced values. The
+    result then has fewer rows and columns than the dataset says: the caller scales coordinates."""
     pi = _photometric(ds)
-    arr = _first_frame(ds)
+    arr = _first_frame(ds, min_long_side)
     if pi == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
@@ -185,10 +197,10 @@ def _voi(ds, values: np.ndarray) -> np.ndarray | None:
     return None
 
 
-def display_float(ds) -> np.ndarray:
+def display_float(ds, min_long_side: int | None = None) -> np.ndarray:
     """The displayed image as float32 0..1 (see :func:`display_uint8`)."""
     pi = _photometric(ds)
-    values = decode_pixels(ds)
+    values = decode_pixels(ds, min_long_side)
     if pi in COLOUR:
         bits = int(ds.get("BitsStored", 8) or 8)
         if pi == "PALETTE COLOR":
@@ -203,20 +215,23 @@ def display_float(ds) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def fallback_window(ds) -> tuple[float, float] | None:
+def fallback_window(ds, min_long_side: int | None = None) -> tuple[float, float] | None:
     """Which VOI :func:`display_float` applies to a greyscale image: None when it is the image's own
     (VOI LUT or first window), else the (low, high) modality values of the percentile window it falls
-    back to. Presentation states use it to show the image as the node's captures do."""
-    values = decode_pixels(ds)
+    back to. Presentation states use it to show the image as the node's captures do (decoded as for
+    them: ``min_long_side`` as in :func:`decode_pixels`)."""
+    values = decode_pixels(ds, min_long_side)
     own = _voi(ds, values)
     if own is not None and _usable(own):
         return None
     return percentile_bounds(values)
 
 
-def display_uint8(ds) -> np.ndarray:
-    """The image as a person sees it, uint8 ``(rows, columns)``: VOI applied, bone bright."""
-    return np.rint(display_float(ds) * 255.0).astype(np.uint8)
+def display_uint8(ds, min_long_side: int | None = None) -> np.ndarray:
+    """The image as a person sees it, uint8 ``(rows, columns)``: VOI applied, bone bright.
+    With ``min_long_side`` (see :func:`decode_pixels`), possibly smaller: the VOI, modality LUT and
+    MONOCHROME1 inversion are the same functions of each value."""
+    return np.rint(display_float(ds, min_long_side) * 255.0).astype(np.uint8)
 
 
 def load_image_file(path: str | Path) -> np.ndarray:
