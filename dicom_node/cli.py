@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 
-from dicom_node.errors import EXPECTED_ERRORS, ConfigError
+from dicom_node.errors import EXPECTED_ERRORS, ConfigError, StartupError
 
 log = logging.getLogger("dicom_node")
 
@@ -55,9 +55,10 @@ def cmd_check_config(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from dicom_node.node import Node
+    from dicom_node.node import Node, check_ports
 
     cfg = _load_config(args)
+    check_ports(cfg)  # a busy port: one line and exit status 2, before the index or storage is touched
     node = Node(cfg)
     node.serve_forever()
     return 0
@@ -74,12 +75,42 @@ def _open_index(args):
         index.close()
 
 
+def node_health(cfg, timeout: float = 2.0) -> dict:
+    """Whether the node of ``cfg`` runs, asked through its ``/healthz`` (http.enabled):
+    {"running": bool, "url": ..., and the node's answer or "error"}."""
+    import urllib.error
+    import urllib.request
+
+    if not cfg.http.enabled:
+        return {"running": None, "error": "http.enabled is false: the node cannot be asked"}
+    host = cfg.http.bind
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{cfg.http.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as rsp:
+            answer = json.loads(rsp.read().decode("utf-8"))
+        return {"running": True, "url": url, **answer}
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        return {"running": False, "url": url, "error": str(getattr(reason, "strerror", None) or reason)}
+
+
 def cmd_status(args) -> int:
+    cfg = _load_config(args)
     with _open_index(args) as index:
         status = index.status()
+    health = node_health(cfg)
     if args.json:
-        print(json.dumps(status, sort_keys=True))
+        print(json.dumps(dict(status, node=health), sort_keys=True))
     else:
+        if health["running"]:
+            print(f"node:      running (pid {health.get('pid')}, up {health.get('uptime_seconds')} s, "
+                  f"{health['url']})")
+        elif health["running"] is None:
+            print(f"node:      unknown ({health['error']})")
+        else:
+            print(f"node:      NOT running (no answer at {health['url']}: {health['error']})")
         print(f"instances: {status['instances']}")
         print(f"studies:   {status['studies']}")
         for state, n in sorted(status["studies_by_state"].items()):
@@ -129,10 +160,18 @@ def cmd_jobs(args) -> int:
         print(json.dumps(rows, sort_keys=True, default=str))
         return 0
     for r in rows:
-        sent = ", ".join(f"{d['destination']}: " + " ".join(f"{k} {v}" for k, v in d["states"].items() if v)
-                         for d in r["deliveries"])
         print(f"{r['StudyInstanceUID']:<64} {r['state']:<13} v{r['result_version']} attempts {r['attempts']} "
-              f"{r['state_reason'] or r['last_error'] or ''} {sent}")
+              f"{r['state_reason'] or r['last_error'] or ''}".rstrip())
+        for d in r["deliveries"]:
+            states = " ".join(f"{k} {v}" for k, v in d["states"].items() if v)
+            line = f"    to {d['destination']}: {states}, attempts {d['attempts']}"
+            if d["next_attempt_at"] and (d["states"].get("pending") or d["states"].get("sending")):
+                line += f", next attempt {d['next_attempt_at']}"
+            if d["last_error"]:
+                line += f"; last error: {d['last_error']}"
+            if d["states"].get("dead"):
+                line += f" (dead letter: dicom-node retry --study {r['StudyInstanceUID']})"
+            print(line)
     return 0
 
 
@@ -243,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except EXPECTED_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)

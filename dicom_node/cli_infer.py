@@ -50,12 +50,13 @@ class InferCommand:
     """One run of ``dicom-node infer``: per-image JSON and heatmap PNG in ``out``, optionally the DICOM
     result objects of each study in ``dicom_out``."""
 
-    def __init__(self, model, out: Path, *, routing, batch_size: int, heads: set[str] | None = None,
-                 dicom_out: Path | None = None):
+    def __init__(self, model, out: Path, *, routing, batch_size: int, max_pixels: int | None = None,
+                 heads: set[str] | None = None, dicom_out: Path | None = None):
         self.model = model
         self.out = out
         self.routing = routing
         self.batch_size = batch_size
+        self.max_pixels = max_pixels
         self.heads = heads
         self.dicom_out = dicom_out
         self.written: list[Path] = []
@@ -68,7 +69,8 @@ class InferCommand:
 
         docs: list[dict | None] = [None] * len(files)
         dicom = [i for i, f in enumerate(files) if f.suffix.lower() not in IMAGE_SUFFIXES]
-        images = [stages.load_file(files[i]) for i in dicom]
+        limit = stages.DEFAULT_MAX_PIXELS if self.max_pixels is None else self.max_pixels
+        images = [stages.load_file(files[i], max_pixels=limit) for i in dicom]
         results = stages.infer(self.model, images, self.batch_size, self.heads)
         routed = stages.route(images, results, self.routing)
         studies: dict[str, list[int]] = {}  # Study Instance UID -> positions in ``dicom``
@@ -174,12 +176,12 @@ def cmd_infer(args) -> int:
     files = collect(args.inputs)
     if not files:
         raise SystemExit("no input files")
-    routing, batch_size = RoutingSection(), DEFAULT_BATCH_SIZE
+    routing, batch_size, max_pixels = RoutingSection(), DEFAULT_BATCH_SIZE, None
     if getattr(args, "config_given", False):
         from dicom_node.cli import _load_config
 
         cfg = _load_config(args)
-        routing, batch_size = cfg.routing, cfg.pipeline.batch_size
+        routing, batch_size, max_pixels = cfg.routing, cfg.pipeline.batch_size, cfg.limits.max_image_pixels
     if args.batch_size is not None:
         batch_size = args.batch_size
     import torch
@@ -191,7 +193,7 @@ def cmd_infer(args) -> int:
     model = load_bundle(args.bundle, args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = InferCommand(model, out, routing=routing, batch_size=batch_size,
+    command = InferCommand(model, out, routing=routing, batch_size=batch_size, max_pixels=max_pixels,
                            heads=set(args.heads.split(",")) if args.heads else None,
                            dicom_out=Path(args.dicom_out) if args.dicom_out else None)
     summary = command.run(files)

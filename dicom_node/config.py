@@ -128,6 +128,26 @@ class LimitsSection(_Section):
     max_associate_rq_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 65536
     max_pdu_bytes: Annotated[int, Field(ge=16384, le=1 << 28)] = 4 << 20  # advertised as Maximum Length Received
     pdu_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0  # a whole PDU, once its header arrived
+    # connections accepted but not yet associated (dicom_node.connections); they never count against
+    # node.max_associations
+    max_pending_connections: Annotated[int, Field(ge=1, le=1000)] = 16
+    max_pending_per_address: Annotated[int, Field(ge=1, le=1000)] = 4
+    associate_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0  # accept to a whole A-ASSOCIATE-RQ (TLS included)
+    idle_seconds: Annotated[float, Field(gt=0, le=86400)] = 60.0  # an association with no PDU this long is aborted
+    # Rows x Columns x frames an image may declare (dicom_node.imagesize); its codestreams must agree
+    max_image_megapixels: Annotated[float, Field(gt=0, le=10000)] = 100.0
+
+    @property
+    def max_image_pixels(self) -> int:
+        return int(self.max_image_megapixels * 1e6)
+
+    @model_validator(mode="after")
+    def _per_address_within_budget(self) -> LimitsSection:
+        if self.max_pending_per_address > self.max_pending_connections:
+            raise ValueError(f"max_pending_per_address ({self.max_pending_per_address}) is more than "
+                             f"max_pending_connections ({self.max_pending_connections}): one address could take "
+                             f"the whole budget")
+        return self
 
 
 class StudySection(_Section):
@@ -210,12 +230,49 @@ class PipelineSection(_Section):
     lease_seconds: Annotated[float, Field(gt=0)] = 600.0  # a claim not renewed for this long is taken back
     threads: Annotated[int, Field(ge=1, le=256)] | None = None  # CPU threads per worker; None: cores - 1
     nice: Annotated[int, Field(ge=0, le=19)] = 10  # workers yield the CPU to the listener
+    # the most memory (RLIMIT_DATA) one inference worker may take; None: no cap. Not with a CUDA device
+    memory_limit_mb: Annotated[int, Field(ge=1024)] | None = None
     max_attempts: Annotated[int, Field(ge=1)] = 3
+
+    @model_validator(mode="after")
+    def _cap_on_cpu_only(self) -> PipelineSection:
+        if self.memory_limit_mb is not None and self.device.startswith("cuda"):
+            raise ValueError("memory_limit_mb: a memory cap breaks CUDA's own mappings; leave it out with a CUDA "
+                             "device")
+        return self
 
 
 class RetentionSection(_Section):
     max_age_days: Annotated[float, Field(gt=0)] | None = None  # None: keep everything
     interval_minutes: Annotated[float, Field(gt=0)] = 60.0
+
+
+class HttpSection(_Section):
+    """The operations endpoint (dicom_node.ops_http): /healthz, /readyz, /metrics and the status page."""
+
+    enabled: bool = True
+    bind: Host = "127.0.0.1"  # off the DICOM port; localhost unless the operator opens it
+    port: Port = 8080
+    token: str | None = None  # when set, every endpoint but /healthz needs it (Bearer, or basic-auth password)
+    show_patient_data: bool = False  # patient name and ID on the status page
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: str | None) -> str | None:
+        if v is not None and len(v) < 16:
+            raise ValueError("an access token has at least 16 characters")
+        return v
+
+
+class AuditSection(_Section):
+    """The audit trail (dicom_node.audit): DICOM PS3.15 A.5 audit messages, one JSON record per line."""
+
+    enabled: bool = True
+    path: Path | None = None  # None: <storage.path>/audit/audit.jsonl
+    max_bytes: Annotated[int, Field(ge=4096)] = 10 << 20  # the file rotates at this size
+    backup_count: Annotated[int, Field(ge=0, le=1000)] = 10  # rotated files kept
+    syslog_host: Host | None = None  # also send each record to this syslog receiver (RFC 5424 over UDP)
+    syslog_port: Port = 514
 
 
 class LoggingSection(_Section):
@@ -241,6 +298,8 @@ class Config(_Section):
     sending: SendingSection = SendingSection()
     retention: RetentionSection = RetentionSection()
     logging: LoggingSection = LoggingSection()
+    http: HttpSection = HttpSection()
+    audit: AuditSection = AuditSection()
 
     #: where the configuration was read from (not a YAML key)
     source: Path | None = Field(default=None, exclude=True)
@@ -257,6 +316,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _destinations(self) -> Config:
+        if self.http.enabled and self.http.port == self.node.port:
+            raise ValueError(f"http.port: {self.http.port} is node.port too; the operations endpoint needs "
+                             f"a port of its own")
         names = {p.ae_title for p in self.peers}
         for where, rule in [("routing.default", self.routing.default)] + \
                 [(f"routing.rules[{i}]", r) for i, r in enumerate(self.routing.rules)]:
@@ -337,7 +399,8 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     node = cfg.node.model_copy(update={"tls": resolved(cfg.node.tls, tls_files)})
     peers = [p.model_copy(update={"tls": resolved(p.tls, tls_files)}) if p.tls is not None else p
              for p in cfg.peers]
-    return cfg.model_copy(update={"storage": storage, "node": node, "peers": peers})
+    audit = resolved(cfg.audit, ("path",))
+    return cfg.model_copy(update={"storage": storage, "node": node, "peers": peers, "audit": audit})
 
 
 def parse_config(data: Any, *, source: str = "<config>", base: Path | None = None,

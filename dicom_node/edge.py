@@ -84,7 +84,7 @@ def _read_pdu_data(self: dul.DULServiceProvider) -> None:
 def _read_bounded(self: dul.DULServiceProvider, assoc_socket, raw, limits: Limits, deadline: float) -> None:
     header = _recv_by(raw, 6, deadline)
     if len(header) != 6:
-        self.event_queue.put("Evt17")  # closed, or no whole header in time
+        _connection_ended(self)  # closed, or no whole header in time
         return None
     pdu_type, _, pdu_length = struct.unpack(">BBL", header)
     if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
@@ -94,14 +94,14 @@ def _read_bounded(self: dul.DULServiceProvider, assoc_socket, raw, limits: Limit
         log.warning("PDU of type 0x%02X declaring %d bytes (limit %d) from %s: connection closed unread",
                     pdu_type, pdu_length, limits.allowed(pdu_type), _peer(raw))
         assoc_socket.close()
-        self.event_queue.put("Evt17")
+        _connection_ended(self)
         return None
     body = _recv_by(raw, pdu_length, deadline)
     if len(body) != pdu_length:
         log.warning("PDU of type 0x%02X from %s: %d of %d bytes in %.0f s; connection closed", pdu_type, _peer(raw),
                     len(body), pdu_length, limits.pdu_seconds)
         assoc_socket.close()
-        self.event_queue.put("Evt17")
+        _connection_ended(self)
         return None
     try:
         pdu, event = self._decode_pdu(header + body)
@@ -112,6 +112,15 @@ def _read_bounded(self: dul.DULServiceProvider, assoc_socket, raw, limits: Limit
     self.event_queue.put(event)
     self._recv_pdu.put(pdu)
     return None
+
+
+def _connection_ended(self: dul.DULServiceProvider) -> None:
+    """Evt17 (transport closed). Before any A-ASSOCIATE-RQ (Sta2), also wake the acceptor's thread, which
+    otherwise waits for a request until its ACSE timeout: ``None`` is what that wait returns on timeout,
+    and the thread then ends at once (so closed and evicted connections do not linger as threads)."""
+    self.event_queue.put("Evt17")
+    if self.state_machine.current_state == "Sta2" and self.assoc.is_acceptor:
+        self.to_user_queue.put(None)  # type: ignore[arg-type]
 
 
 def _peer(sock) -> str:

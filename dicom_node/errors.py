@@ -10,8 +10,9 @@ from __future__ import annotations
 from inference.errors import BundleError, ImageNotProcessable, InferenceError
 from storage.errors import OutOfResources, PatientConflict, StorageError
 
-__all__ = ["NodeError", "ConfigError", "InvalidDataset", "DatasetMismatch", "EncodingError", "StorageError",
-           "OutOfResources", "InferenceError", "ImageNotProcessable", "BundleError", "dicom_status_for",
+__all__ = ["NodeError", "ConfigError", "StartupError", "InvalidDataset", "DatasetMismatch", "ImageTooLarge",
+           "EncodingError",
+           "StorageError", "OutOfResources", "InferenceError", "ImageNotProcessable", "BundleError", "dicom_status_for",
            "EXPECTED_ERRORS", "OUT_OF_RESOURCES", "SOP_CLASS_MISMATCH", "CANNOT_UNDERSTAND"]
 
 #: C-STORE failure statuses (PS3.4 Annex B.2.3)
@@ -35,12 +36,21 @@ class ConfigError(NodeError):
         super().__init__(f"{where}{at}{message}")
 
 
+class StartupError(NodeError):
+    """The node cannot start (a port in use, storage that cannot be used): one line, exit status 2."""
+
+
 class InvalidDataset(NodeError):
     """A dataset cannot be understood (truncated, unparsable, missing required UIDs)."""
 
 
 class DatasetMismatch(InvalidDataset):
     """The dataset does not match the SOP class it was sent under."""
+
+
+class ImageTooLarge(InvalidDataset):
+    """The image declares more pixels than ``limits.max_image_megapixels``, or its codestream declares
+    another size than its Rows and Columns: refused before anything decodes it (0xC210, not retried)."""
 
 
 class EncodingError(NodeError):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import signal
+import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any, cast
@@ -13,9 +15,11 @@ from typing import TYPE_CHECKING, Any, cast
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node import __version__
+from dicom_node.audit import AUDIT
 from dicom_node.config import Config
-from dicom_node.errors import BundleError, ConfigError
+from dicom_node.errors import BundleError, ConfigError, StartupError
 from dicom_node.listener import Listener
+from dicom_node.metrics import METRICS
 from dicom_node.sender import Sender
 from dicom_node.tracker import StudyTracker
 from storage.deliveries import DeliveryQueue
@@ -27,9 +31,49 @@ from storage.models import utcnow
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
+    from dicom_node.ops_http import OpsServer
     from dicom_node.pipeline import WorkerPool
 
 log = logging.getLogger("dicom_node")
+_TIMING = re.compile(rb"t([0-9.]+) ([0-9]+)\n")
+
+
+def _port_in_use(what: str, bind: str, port: int, exc: OSError) -> StartupError:
+    why = "is in use (another node or program listens there)" if exc.errno == 98 else f"cannot be bound " \
+        f"({exc.strerror})"
+    return StartupError(f"cannot start: {what} {port} on {bind} {why}")
+
+
+def check_port_free(what: str, bind: str, port: int) -> None:
+    """Bind (and close) ``bind:port`` as the server will: a port in use is one clear StartupError."""
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((bind, port))
+        except OSError as exc:
+            raise _port_in_use(what, bind, port, exc) from None
+
+
+def check_ports(cfg: Config) -> None:
+    """Before anything starts (``serve``): the DICOM and HTTP ports are free, else one StartupError."""
+    check_port_free("node.port", cfg.node.bind, cfg.node.port)
+    if cfg.http.enabled:
+        check_port_free("http.port", cfg.http.bind, cfg.http.port)
+
+
+def open_store(cfg: Config) -> InstanceStore:
+    """The instance store, its directories created and written once: unusable storage is one StartupError."""
+    path = cfg.storage.path
+    try:
+        store = InstanceStore(path, min_free_mb=cfg.storage.min_free_mb)
+        probe = store.tmp / f"start-{os.getpid()}.probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"cannot start: storage.path {path} cannot be used: {exc.strerror or exc}"
+                           f"{' (' + exc.filename + ')' if getattr(exc, 'filename', None) else ''}") from None
+    return store
 
 
 def check_bundle(cfg: Config) -> None:
@@ -53,7 +97,7 @@ def check_bundle(cfg: Config) -> None:
 class Node:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.store = InstanceStore(cfg.storage.path, min_free_mb=cfg.storage.min_free_mb)
+        self.store = open_store(cfg)
         self.index = Index(cfg.storage.database_url)
         self.jobs = Jobs(self.index)
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"misfire_grace_time": None})
@@ -62,6 +106,7 @@ class Node:
         self.listener = Listener(cfg, self.store, self.index, on_recorded=self.tracker.instance_recorded)
         self.pool: WorkerPool | None = None
         self.sender: Sender | None = None
+        self.http: OpsServer | None = None
         self._stop = threading.Event()
 
     def start(self) -> None:
@@ -71,13 +116,41 @@ class Node:
                   len(self.cfg.peers), self.cfg.study.quiet_seconds,
                   self.cfg.pipeline.workers if self.cfg.pipeline.enabled else "no", self.cfg.pipeline.batch_size)
         check_bundle(self.cfg)
+        # the ports first: a second node on a busy port stops here with one line, having started nothing
+        check_port_free("node.port", self.cfg.node.bind, self.cfg.node.port)
+        if self.cfg.http.enabled:
+            from dicom_node.ops_http import OpsServer
+
+            self.http = OpsServer(self)
+            try:
+                self.http.bind()
+            except OSError as exc:
+                self.http = None
+                raise _port_in_use("http.port", self.cfg.http.bind, self.cfg.http.port, exc) from None
+        try:
+            AUDIT.configure(self.cfg)
+        except OSError as exc:
+            raise StartupError(f"cannot start: audit.path cannot be written: {exc.strerror} ({exc.filename})") \
+                from None
+        AUDIT.configuration(self.cfg)
+        METRICS.set_peers(p.ae_title for p in self.cfg.peers)
+        METRICS.watch_index(self.index)
+        self._model_info()
+        # files a crash left between their write and their index row: nothing writes to the store yet
+        removed, freed = self.store.sweep(self.index.stored_paths())
+        if removed:
+            log.warning("start-up sweep: %d stored file(s) without an index row removed (%.1f MB), left by an "
+                        "earlier run that stopped between writing and indexing them", removed, freed / 1e6)
         released = self.jobs.release_claims(claim_prefix())
         if released:
             log.info("%d stud%s left inferring by an earlier run: back to stable", released,
                      "y" if released == 1 else "ies")
         self.scheduler.start()
         self.tracker.start()
-        self.listener.start()
+        try:
+            self.listener.start()
+        except OSError as exc:
+            raise _port_in_use("node.port", self.cfg.node.bind, self.cfg.node.port, exc) from None
         if self.cfg.pipeline.enabled:
             self.pool = WorkerPool(self.cfg, self.jobs)
             self.tracker.on_stable = self.pool.wake
@@ -93,7 +166,24 @@ class Node:
             self.scheduler.add_job(self.retention, "interval", minutes=self.cfg.retention.interval_minutes,
                                    id="retention", coalesce=True, max_instances=1,
                                    next_run_time=dt.datetime.now(dt.UTC))
+        if self.http is not None:
+            self.http.start()
+        AUDIT.application(True)
         log.info("msk-dicom-node %s started (config %s)", __version__, self.cfg.source or "<defaults>")
+
+    def _model_info(self) -> None:
+        if not self.cfg.pipeline.enabled:
+            METRICS.model.info({"name": "", "version": "", "pipeline": "disabled"})
+            return
+        from inference import DEFAULT_BUNDLE
+        from inference.card import read_card
+
+        try:
+            card = read_card(self.cfg.pipeline.bundle or DEFAULT_BUNDLE)
+            METRICS.model.info({"name": card.name, "version": card.version, "pipeline": "enabled",
+                                "weights_sha256": next(iter(card.weights.values()), "")[:16]})
+        except Exception as exc:  # noqa: BLE001 - check_bundle has passed; the metric is a courtesy
+            log.warning("model info metric not set: %s", type(exc).__name__)
 
     def _relay_done(self) -> None:
         from multiprocessing.connection import wait
@@ -109,9 +199,15 @@ class Node:
             woke = False
             for r in ready:
                 try:
-                    woke |= bool(os.read(r.fileno(), 4096))
+                    data = os.read(r.fileno(), 4096)
                 except OSError:
-                    pass
+                    continue
+                woke |= bool(data)
+                for seconds, images in _TIMING.findall(data):  # a study's inference time (pipeline.py)
+                    METRICS.inference_study.observe(float(seconds))
+                    if int(images):
+                        for _ in range(int(images)):
+                            METRICS.inference_image.observe(float(seconds) / int(images))
             if woke:
                 self.sender.wake()
             elif ready:
@@ -133,16 +229,24 @@ class Node:
                      self.cfg.retention.max_age_days)
         return removed
 
-    def stop(self) -> None:
+    def stop(self, quiet: bool = False) -> None:
+        """Stop everything started; ``quiet``: after a failed start (its one line says it all)."""
         self._stop.set()
+        if self.http is not None:
+            self.http.stop()
         self.listener.stop()
         if self.sender is not None:
             self.sender.stop()
         if self.pool is not None:
             self.pool.stop()
-        self.scheduler.shutdown(wait=False)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
         self.index.close()
-        log.info("stopped")
+        if AUDIT.enabled:
+            AUDIT.application(False)
+            AUDIT.close()
+        if not quiet:
+            log.info("stopped")
 
     def serve_forever(self) -> None:
         def _request_stop(signum, _frame):
@@ -151,7 +255,11 @@ class Node:
 
         signal.signal(signal.SIGTERM, _request_stop)
         signal.signal(signal.SIGINT, _request_stop)
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop(quiet=True)
+            raise
         try:
             self._stop.wait()
         finally:

@@ -32,6 +32,7 @@ import pydicom
 from dicom_node import stages
 from dicom_node.config import Config
 from dicom_node.errors import EXPECTED_ERRORS, EncodingError, InvalidDataset
+from dicom_node.metrics import METRICS
 from storage.files import InstanceStore
 from storage.index import Index
 from storage.jobs import ClaimedStudy, Jobs, NewResult
@@ -64,6 +65,7 @@ class Pipeline:
             device = None if cfg.pipeline.device == "auto" else cfg.pipeline.device
             model = load_bundle(cfg.pipeline.bundle, device=device)
         self.model = model
+        self.last_timing: tuple[float, int] | None = None  # (seconds, images) of the last study inferred
         info = model.info
         log.info("model %s %s loaded (weights %s…)", info.name, info.version, info.weights_sha256[:12])
 
@@ -92,7 +94,8 @@ class Pipeline:
                 log.exception("pipeline error")
                 did = False
             if did and done is not None:
-                _signal(done, b"d")
+                timing, self.last_timing = self.last_timing, None
+                _signal(done, b"d" if timing is None else b"d" + f"t{timing[0]:.4f} {timing[1]}\n".encode())
             if control is None:
                 if not did:
                     time.sleep(poll)
@@ -130,8 +133,11 @@ class Pipeline:
         if claim.updated and claim.result_version and not self.cfg.pipeline.rerun_on_late_images:
             self.jobs.skip(claim, "late images after results: re-run disabled (pipeline.rerun_on_late_images)")
             return "skipped (late images, re-run disabled)"
-        images = stages.load_instances(claim.instances, self.store.abspath, claim.calling_ae)
+        images = stages.load_instances(claim.instances, self.store.abspath, claim.calling_ae,
+                                           self.cfg.limits.max_image_pixels)
+        t0 = time.monotonic()
         results = stages.infer(self.model, images, self.cfg.pipeline.batch_size)
+        self.last_timing = (time.monotonic() - t0, len(images))
         self.jobs.heartbeat(claim)
         routed = stages.route(images, results, self.cfg.routing, claim.calling_ae)
         processed = routed.processed
@@ -185,6 +191,17 @@ def _signal(conn, byte: bytes) -> None:
         pass
 
 
+def cap_memory(megabytes: int) -> None:
+    """Cap this process's data segment (RLIMIT_DATA: heap and private anonymous mappings, where numpy and
+    torch allocate on the CPU): an allocation past it fails with MemoryError in this worker, never takes
+    the machine. CUDA reserves large private mappings, so ``pipeline.memory_limit_mb`` is for CPU workers."""
+    import resource
+
+    limit = megabytes * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    log.info("inference worker memory capped at %d MB (pipeline.memory_limit_mb)", megabytes)
+
+
 def die_with_parent(parent_pid: int | None = None) -> None:
     """Ask Linux to SIGKILL this process when its parent (the node) dies, however it dies: a worker
     loading the model when the node is killed would otherwise run on (with its resource tracker).
@@ -202,12 +219,14 @@ def die_with_parent(parent_pid: int | None = None) -> None:
         os._exit(1)
 
 
-def worker_main(cfg: Config, n: int, control, done, parent_pid: int | None = None) -> None:
+def worker_main(cfg: Config, n: int, control, done, parent_pid: int | None = None, loaded=None) -> None:
     """Entry point of an inference worker process."""
     from dicom_node.logs import setup_logging
 
     setup_logging(cfg.logging.level)
     die_with_parent(parent_pid)
+    if cfg.pipeline.memory_limit_mb:
+        cap_memory(cfg.pipeline.memory_limit_mb)
     # receiving must not slow down while the model works: the worker runs at a lower priority and,
     # on the CPU, leaves a core to the listener
     if cfg.pipeline.nice:
@@ -217,6 +236,8 @@ def worker_main(cfg: Config, n: int, control, done, parent_pid: int | None = Non
     torch.set_num_threads(cfg.pipeline.threads or max(1, (os.cpu_count() or 2) - 1))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops its workers through the control pipe
     pipeline = Pipeline(cfg, worker=worker_id(n))
+    if loaded is not None:  # shared with the node: /readyz reports the model loaded
+        loaded.value = 1
     try:
         pipeline.run(control, done, parent_pid=parent_pid)
     finally:
@@ -241,11 +262,13 @@ class WorkerPool:
         self._failures: dict[int, int] = {}  # consecutive early exits per worker
         self._not_before: dict[int, float] = {}
         self._started: dict[int, float] = {}
+        self._loaded: dict[int, Any] = {}  # worker -> shared byte, 1 once its model is loaded
 
     def _spawn(self, n: int) -> None:
         control_r, control_w = self.ctx.Pipe(duplex=False)
         done_r, done_w = self.ctx.Pipe(duplex=False)
-        p = self.ctx.Process(target=worker_main, args=(self.cfg, n, control_r, done_w, os.getpid()),
+        loaded = self.ctx.RawValue("b", 0)
+        p = self.ctx.Process(target=worker_main, args=(self.cfg, n, control_r, done_w, os.getpid(), loaded),
                              name=f"inference-{n}", daemon=True)
         p.start()
         control_r.close()  # the child holds its own copies: EOF reaches each side when the other dies
@@ -256,12 +279,26 @@ class WorkerPool:
                 old.close()
         self._control[n], self._done[n] = control_w, done_r
         self.procs[n] = p
+        self._loaded[n] = loaded
         self._started[n] = time.monotonic()
         log.info("inference worker %d started (pid %d)", n, p.pid)
 
     def start(self) -> None:
         for n in range(self.cfg.pipeline.workers):
             self._spawn(n)
+
+    def health(self) -> dict[int, str | None]:
+        """Per worker: None when it is alive with its model loaded, else what is wrong."""
+        out: dict[int, str | None] = {}
+        for n in range(self.cfg.pipeline.workers):
+            p = self.procs.get(n)
+            if p is None or not p.is_alive():
+                out[n] = f"inference worker {n} is not running" + (f" (exit code {p.exitcode})" if p else "")
+            elif not self._loaded[n].value:
+                out[n] = f"inference worker {n} (pid {p.pid}) is loading its model"
+            else:
+                out[n] = None
+        return out
 
     def done_readers(self) -> list:
         return list(self._done.values())
@@ -285,6 +322,7 @@ class WorkerPool:
                 if delay:
                     continue
             self._not_before.pop(n, None)
+            METRICS.worker_restarts.inc()
             self._spawn(n)
 
     def wake(self, *_args) -> None:

@@ -33,7 +33,9 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
 from dicom_node import tls
+from dicom_node.audit import AUDIT
 from dicom_node.config import Config, Peer
+from dicom_node.metrics import METRICS
 from dicom_node.rejections import queue_rejection_notes
 from storage.deliveries import Batch, DeliveryQueue, Item
 from storage.files import InstanceStore
@@ -347,13 +349,43 @@ class Sender:
             raise ValueError(f"{ts.name} refused and decompression failed: {type(exc).__name__}: {exc}") from None
         return ds
 
-    @staticmethod
-    def _log_batch(batch: Batch, n_sent: int, n_failed: int, error: str | None) -> None:
+    def _log_batch(self, batch: Batch, n_sent: int, n_failed: int, error: str | None) -> None:
         if n_failed:
             log.warning("study %s to %s: %d sent, %d failed: %s", batch.StudyInstanceUID, batch.destination,
                         n_sent, n_failed, error)
         else:
             log.info("study %s to %s: %d sent, 0 failed", batch.StudyInstanceUID, batch.destination, n_sent)
+        try:
+            self._observe_batch(batch, n_sent, n_failed, error)
+        except Exception as exc:  # noqa: BLE001 - metrics and audit never stop the queue
+            log.warning("study %s to %s: outcome not recorded in metrics/audit: %s", batch.StudyInstanceUID,
+                        batch.destination, type(exc).__name__)
+
+    def _observe_batch(self, batch: Batch, n_sent: int, n_failed: int, error: str | None) -> None:
+        """Metrics, the audit record, and the one line that says a delivery went dead (the batch's items
+        were pending when it began: those dead now went dead in this batch)."""
+        dest = batch.destination
+        states, study_state, stable_at = self.queue.outcome(batch.ids)
+        dead = [v for v in states.values() if v[0] == "dead"]
+        retried = sum(1 for v in states.values() if v[0] in ("pending", "sending") and v[1] > 0)
+        if n_sent:
+            METRICS.delivery_attempts.labels(dest, "sent").inc(n_sent)
+        if retried:
+            METRICS.delivery_attempts.labels(dest, "retry").inc(retried)
+            METRICS.retries.labels(dest).inc(retried)
+        if dead:
+            METRICS.delivery_attempts.labels(dest, "dead").inc(len(dead))
+            METRICS.dead_letters.labels(dest).inc(len(dead))
+            last = next((v[2] for v in dead if v[2]), error) or "unknown error"
+            where = f" --config {self.cfg.source}" if self.cfg.source else ""
+            log.error("delivery DEAD: study %s to %s: %d object(s) gave up after %d attempt(s); last error: %s. "
+                      "Retry with `dicom-node%s retry --study %s` or the Retry button of the status page",
+                      batch.StudyInstanceUID, dest, len(dead), max(v[1] for v in dead), last, where,
+                      batch.StudyInstanceUID)
+        if study_state == "sent" and n_sent and stable_at is not None:
+            METRICS.stable_to_sent.observe(max(0.0, (utcnow() - stable_at).total_seconds()))
+        peer = self.cfg.peer(dest)
+        AUDIT.sent(dest, peer.host if peer is not None else None, batch.StudyInstanceUID, n_sent, n_failed, error)
 
     # -- recovery ----------------------------------------------------------------
     def recover(self, now: dt.datetime | None = None) -> int:

@@ -34,8 +34,9 @@ import pydicom
 from pydicom import Dataset
 from pydicom.filebase import DicomBytesIO
 
-from dicom_node import header_clean
-from dicom_node.config import OUTPUT_KINDS, RoutingRule, RoutingSection
+from dicom_node import header_clean, imagesize
+from dicom_node.config import OUTPUT_KINDS, LimitsSection, RoutingRule, RoutingSection
+from dicom_node.logs import describe_error
 from dicom_node.results_dicom import ResultObjects, build_result_objects, card_concepts, write_result_objects
 from dicom_node.routing import ImageFacts, apply_heads, destinations
 from dicom_node.routing import route as route_rule
@@ -49,6 +50,9 @@ log = logging.getLogger("dicom_node.stages")
 UNSUPPORTED = "unsupported SOP class"
 ROUTING_RULE = "routing rule"
 NOT_PROCESSABLE = "not processable"
+
+#: the most pixels an image may declare when no configuration says otherwise (``infer`` without --config)
+DEFAULT_MAX_PIXELS = LimitsSection().max_image_pixels
 
 
 # -- load ------------------------------------------------------------------------------------------------
@@ -85,10 +89,22 @@ def unsupported_reason(sop_class_uid: str, modality: str) -> str | None:
     return None
 
 
+def _too_large(ds: Dataset, max_pixels: int | None) -> str | None:
+    """Why this image is not decoded (its declared size, dicom_node.imagesize), or None."""
+    if max_pixels is None or "PixelData" not in ds:
+        return None
+    try:
+        imagesize.check(ds, str(ds.file_meta.get("TransferSyntaxUID", "")), max_pixels)
+    except imagesize.DeclaredSizeError as exc:
+        return f"not decoded: {exc}"
+    return None
+
+
 def load_instances(rows: Sequence[Mapping], abspath: Callable[[str], Path | str],
-                   calling_ae: str = "") -> list[LoadedImage]:
+                   calling_ae: str = "", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[LoadedImage]:
     """Instance rows of a study (the index's columns, ``file_path`` relative to the store, resolved by
-    ``abspath``) -> loaded images. Only images the model reads are read from disk."""
+    ``abspath``) -> loaded images. Only images the model reads are read from disk; an image that declares
+    more than ``max_pixels`` (or a codestream of another size) is reported, never decoded."""
     images = []
     for row in rows:
         facts = ImageFacts(calling_ae, row["Modality"] or "", row["BodyPartExamined"] or "",
@@ -102,12 +118,17 @@ def load_instances(rows: Sequence[Mapping], abspath: Callable[[str], Path | str]
             try:
                 image.ds = pydicom.dcmread(abspath(row["file_path"]))
             except Exception as exc:
-                image.reason, image.reason_kind = f"stored file cannot be read: {exc}", NOT_PROCESSABLE
+                image.reason, image.reason_kind = f"stored file cannot be read: {describe_error(exc)}", NOT_PROCESSABLE
+            else:
+                too_large = _too_large(image.ds, max_pixels)
+                if too_large is not None:
+                    image.ds, image.reason, image.reason_kind = None, too_large, NOT_PROCESSABLE
         images.append(image)
     return images
 
 
-def load_file(path: Path | str, image_id: str | None = None) -> LoadedImage:
+def load_file(path: Path | str, image_id: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+              ) -> LoadedImage:
     """A DICOM file -> a loaded image (``image_id`` defaults to the path), with the same SOP class and
     modality filter as :func:`load_instances` (an image the model does not read is not kept); an
     unreadable file is reported, not raised."""
@@ -129,6 +150,8 @@ def load_file(path: Path | str, image_id: str | None = None) -> LoadedImage:
     reason = unsupported_reason(sop_class, modality)
     if reason is not None:  # as in the node: an image the model does not read is not in the results
         image.ds, image.reason, image.reason_kind = None, reason, UNSUPPORTED
+    elif (too_large := _too_large(ds, max_pixels)) is not None:
+        image.ds, image.reason, image.reason_kind = None, too_large, NOT_PROCESSABLE
     return image
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -31,9 +30,6 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pynetdicom import AE
-    from pynetdicom.events import EventHandlerType
-
     from dicom_node.config import Config, NodeTLS, Peer, PeerTLS
 
 log = logging.getLogger("dicom_node.tls")
@@ -184,14 +180,3 @@ class TLSAssociationServer(ThreadedAssociationServer):
                 return
             log.debug("TLS %s with %s, %s", request.version(), where, (request.cipher() or ("?",))[0])
         super().process_request_thread(request, client_address)
-
-
-def start_server(ae: AE, address: tuple[str, int], ctx: ssl.SSLContext,
-                 handlers: list[EventHandlerType]) -> ThreadedAssociationServer:
-    """``ae.start_server(address, block=False, ssl_context=ctx, evt_handlers=handlers)`` with a
-    :class:`TLSAssociationServer` (``AE.start_server`` has no ``server_class``)."""
-    server = ae.make_server(address, ssl_context=ctx, evt_handlers=handlers, server_class=TLSAssociationServer)
-    thread = threading.Thread(target=server.serve_forever, name="AcceptorServer@tls", daemon=True)
-    thread.start()
-    ae._servers.append(server)  # as AE.start_server does: AssociationServer.shutdown removes it again
-    return server

@@ -493,6 +493,20 @@ class DeliveryQueue:
         with self.db.read() as s:
             return s.scalar(undelivered(study_id).limit(1)) is not None
 
+    def outcome(self, ids: Iterable[int]) -> tuple[dict[int, tuple[str, int, str | None]], str | None,
+                                                   dt.datetime | None]:
+        """After a batch: {delivery id: (state, attempts, last error)}, and the state of their study
+        and when it turned stable (the ids are one study's)."""
+        ids = list(ids)
+        if not ids:
+            return {}, None, None
+        with self.db.read() as s:
+            rows = s.execute(select(Delivery.id, Delivery.state, Delivery.attempts, Delivery.last_error,
+                                    Study.state, Study.stable_at)
+                             .join(Study, Study.id == Delivery.study_id).where(Delivery.id.in_(ids))).all()
+        out = {r[0]: (r[1], r[2] or 0, r[3]) for r in rows}
+        return out, (rows[0][4] if rows else None), (rows[0][5] if rows else None)
+
     def counts(self) -> dict[str, int]:
         """Deliveries per state (all studies)."""
         with self.db.read() as s:

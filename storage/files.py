@@ -118,6 +118,32 @@ class InstanceStore:
         except FileNotFoundError:
             pass
 
+    def sweep(self, known: set[str]) -> tuple[int, int]:
+        """Remove the files under ``instances/`` and ``results/`` whose relative path is not in ``known``
+        (the paths the index holds), and the folders that leaves empty: what a crash between a write and
+        its index row left behind. Run only while nothing writes to the store (the node's start-up).
+        Returns (files removed, bytes freed)."""
+        removed = freed = 0
+        for top in ("instances", "results"):
+            base = self.root / top
+            for path in sorted(base.rglob("*"), reverse=True):  # files before their folders
+                if path.is_dir():
+                    try:
+                        path.rmdir()  # only when empty
+                    except OSError:
+                        pass
+                    continue
+                if path.relative_to(self.root).as_posix() in known:
+                    continue
+                try:
+                    size = path.stat().st_size
+                    path.unlink()
+                except OSError:
+                    continue
+                removed += 1
+                freed += size
+        return removed, freed
+
     def delete_study_dirs(self, study_uid: str) -> None:
         sh = uid_hash(study_uid)
         for top in ("instances", "results"):

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from storage import migrate, states
 from storage.database import Database
 from storage.errors import PatientConflict
-from storage.models import Instance, Patient, Series, Study, StudyState, iso_utc, utcnow
+from storage.models import Instance, Patient, ResultObject, Series, Study, StudyState, iso_utc, utcnow
 
 log = logging.getLogger("storage.index")
 
@@ -104,6 +104,13 @@ class Index:
                             .join(Study, Study.patient_id == Patient.id)
                             .where(Study.StudyInstanceUID == meta.StudyInstanceUID)).one_or_none()
         return row is not None and (row[0], row[1]) != (_clip(meta.PatientID, 64), _clip(meta.IssuerOfPatientID, 64))
+
+    def stored_paths(self) -> set[str]:
+        """Every file path the index holds (instances and result objects), relative to the store."""
+        with self.db.read() as s:
+            paths = set(s.scalars(select(Instance.file_path)))
+            paths.update(s.scalars(select(ResultObject.file_path)))
+        return paths
 
     def has_instance_file(self, file_path: str) -> bool:
         """Whether an indexed instance is stored at ``file_path``."""

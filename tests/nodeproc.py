@@ -27,6 +27,8 @@ def node_config(workdir: Path, *, port: int | None = None, quiet_seconds: float 
         "study": {"quiet_seconds": quiet_seconds},
         # receive-side tests run without the model; pipeline tests pass pipeline={"enabled": True, ...}
         "pipeline": {"enabled": False},
+        # the operations endpoint on a port of its own (two nodes of one test never share one)
+        "http": {"bind": "127.0.0.1", "port": free_port()},
     }
     for k, v in sections.items():
         cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
@@ -45,6 +47,11 @@ class NodeProcess:
         self.port = cfg["node"]["port"]
         self.proc: subprocess.Popen | None = None
         self.log_path = self.workdir / "node.log"
+
+    @property
+    def http_url(self) -> str:
+        http = self.cfg.get("http", {})
+        return f"http://{http.get('bind', '127.0.0.1')}:{http.get('port', 8080)}"
 
     @property
     def storage(self) -> Path:

@@ -50,13 +50,17 @@ def _truncated(src: Path, dst: Path, keep: float) -> Path:
     return dst
 
 
-def _corrupt_j2k(src: Path, dst: Path) -> Path:
-    """Zero the JPEG 2000 image header (SIZ) and scramble the middle of the code stream; the DICOM
-    framing (item and sequence lengths) stays valid, so only a decoder can tell."""
+def _corrupt_j2k(src: Path, dst: Path, *, siz: bool = True) -> Path:
+    """Zero the JPEG 2000 main header after its SIZ segment (COD, QCD: the coding parameters) and scramble
+    the middle of the code stream; the DICOM framing (item and sequence lengths) and the declared size stay
+    valid, so only a decoder can tell. ``siz=False`` zeroes the SIZ segment too: the declared size cannot
+    be read, which the node refuses at C-STORE time."""
     data = bytearray(src.read_bytes())
     start = data.find(b"\xff\x4f\xff\x51")  # SOC + SIZ: start of the code stream
     assert start > 0
-    data[start + 4: start + 44] = b"\x00" * 40
+    siz_end = start + 2 + 2 + int.from_bytes(data[start + 4:start + 6], "big")
+    at = siz_end if siz else start + 4
+    data[at: at + 40] = b"\x00" * 40
     mid = start + (len(data) - start) // 2
     data[mid: mid + 4096] = os.urandom(4096).replace(b"\xff", b"\x00")
     dst.write_bytes(bytes(data))
@@ -94,10 +98,13 @@ def test_bad_datasets_get_failure_status_and_node_keeps_storing(node, tmp_path, 
         assert st == 0xC210
         st = _store_file(assoc, _truncated(copy_with_new_uids(rg3_j2k, bad / "b.dcm"), bad / "trunc2.dcm", 0.5))
         assert st == 0xC210
-        # 2. a corrupt JPEG 2000 stream: DICOM framing intact, so it is stored as it arrived (the
-        #    pixels are decoded only at inference, which reports the image as not processable)
+        # 2. a corrupt JPEG 2000 stream: DICOM framing and declared size intact, so it is stored as it
+        #    arrived (the pixels are decoded only at inference, which reports the image as not processable);
+        #    with its SIZ segment gone too, its size cannot be known without decoding: refused
         corrupt = _corrupt_j2k(copy_with_new_uids(rg3_j2k, bad / "c.dcm"), bad / "corrupt.dcm")
         assert _store_file(assoc, corrupt) == 0x0000
+        no_siz = _corrupt_j2k(copy_with_new_uids(rg3_j2k, bad / "d.dcm"), bad / "no_siz.dcm", siz=False)
+        assert _store_file(assoc, no_siz) == 0xC210
         # 3. a SOP Instance UID that tries to climb out of the storage directory
         ds = pydicom.dcmread(rg3_unc)
         evil = "1.2.3/../../etc"
@@ -128,7 +135,8 @@ def test_bad_datasets_get_failure_status_and_node_keeps_storing(node, tmp_path, 
     assert status["instances"] == 2  # the corrupt J2K and the good image
     assert not list((node.storage / "tmp").iterdir())  # no partial files left behind
     log = node.log()
-    assert log.count("refused with 0xC210") == 5
+    assert log.count("refused with 0xC210") == 6
+    assert "a frame's codestream declares 0 x 0, the dataset 1760 x 1760" in log
     # and a new association from a dcmtk peer still works
     assert echoscu("127.0.0.1", node.port).returncode == 0
 

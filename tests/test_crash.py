@@ -54,6 +54,10 @@ def test_sigkill_mid_stream_loses_no_acknowledged_instance(make_node, tmp_path):
         stored = node.storage / by_sop[sop]["file_path"]
         assert dataset_part(stored) == dataset_part(f), f"{f} is damaged on disk"
     assert not list((node.storage / "tmp").iterdir())
+    # and no stored file without its index row (a write the kill interrupted before indexing is swept)
+    indexed = {row["file_path"] for row in by_sop.values()}
+    on_disk = {p.relative_to(node.storage).as_posix() for p in (node.storage / "instances").rglob("*.dcm")}
+    assert on_disk == indexed, on_disk ^ indexed
 
     # interrupted studies get their timers back and turn stable; the stable one stays stable
     node.wait_for(lambda: all(s["state"] == "stable" for s in node.studies()), timeout=60,

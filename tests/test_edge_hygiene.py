@@ -158,3 +158,48 @@ def test_a_trickled_pdu_is_cut_at_its_deadline(tmp_path):
                     closed = True
                     break
             assert closed and time.monotonic() - t0 < 10, "the trickle kept the connection open"
+
+
+def test_start_up_sweep_removes_stored_files_without_an_index_row(tmp_path):
+    """A file written but not indexed before a crash (planted here as such a crash leaves it) is removed at
+    the next start; indexed files, and the folders they live in, stay."""
+    from tests.peers import storescu
+
+    node = NodeProcess(tmp_path / "node", node_config(tmp_path / "node"))
+    with node:
+        assert storescu("127.0.0.1", node.port, pydicom_radiographs()[:1]).returncode == 0
+    kept = list((node.storage / "instances").rglob("*.dcm"))
+    assert len(kept) == 1
+    stray = [kept[0].parent / ("0" * 32 + ".dcm"), node.storage / "instances" / "ff" / ("f" * 32) / "1.dcm",
+             node.storage / "results" / "ee" / ("e" * 32) / "2.dcm"]
+    for p in stray:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"DICM" * 1000)
+    with node:
+        assert not any(p.exists() for p in stray)
+        assert not (node.storage / "instances" / "ff").exists()
+        assert kept[0].exists() and node.status()["instances"] == 1
+        assert "start-up sweep: 3 stored file(s) without an index row removed" in node.log()
+
+
+def test_a_capped_worker_runs_the_model_within_its_cap(tmp_path):
+    """pipeline.memory_limit_mb caps each inference worker's data segment (RLIMIT_DATA); the model still loads
+    and reads a study under a 3 GB cap."""
+    from tests.peers import storescu
+
+    cfg = node_config(tmp_path / "node", pipeline={"enabled": True, "memory_limit_mb": 3072})
+    with NodeProcess(tmp_path / "node", cfg) as node:
+        deadline = time.monotonic() + 30
+        limits = ""
+        while time.monotonic() < deadline and "Max data size" not in limits:
+            for w in _children(node.proc.pid):
+                text = Path(f"/proc/{w}/limits").read_text() if Path(f"/proc/{w}/limits").exists() else ""
+                if str(3072 * 1024 * 1024) in text:
+                    limits = text
+            time.sleep(0.2)
+        line = next(ln for ln in limits.splitlines() if ln.startswith("Max data size"))
+        assert line.split()[3:5] == [str(3072 * 1024 * 1024)] * 2, line
+        assert storescu("127.0.0.1", node.port, pydicom_radiographs()[3:4]).returncode == 0
+        node.wait_for(lambda: "results v1 ready (1 image(s) processed, 0 not)" in node.log(), timeout=180,
+                      interval=1, what="results under the cap")
+        assert "inference worker memory capped at 3072 MB" in node.log()

@@ -241,6 +241,7 @@ def test_a_connection_without_a_handshake_is_closed_after_the_timeout(pki, caplo
 
     from dicom_node import tls
     from dicom_node.config import NodeTLS, PeerTLS
+    from dicom_node.connections import ConnectionBudget, start_server
 
     ae = AE("MSKNODE")
     ae.add_supported_context(Verification)
@@ -251,7 +252,8 @@ def test_a_connection_without_a_handshake_is_closed_after_the_timeout(pki, caplo
     assert not peer.check_hostname
     old = tls.TLSAssociationServer.handshake_timeout
     tls.TLSAssociationServer.handshake_timeout = 1.0
-    server = tls.start_server(ae, ("127.0.0.1", 0), ctx, [])
+    budget = ConnectionBudget(max_associations=4, max_pending=4, max_pending_per_address=4, associate_seconds=30)
+    server = start_server(ae, ("127.0.0.1", 0), ctx, [], budget)
     port = server.server_address[1]
     try:
         with caplog.at_level(logging.WARNING, logger="dicom_node.tls"), \
@@ -269,3 +271,4 @@ def test_a_connection_without_a_handshake_is_closed_after_the_timeout(pki, caplo
     finally:
         tls.TLSAssociationServer.handshake_timeout = old
         server.shutdown()
+        budget.stop()
