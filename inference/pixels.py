@@ -20,6 +20,7 @@ interpretation, not two-dimensional).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -197,8 +198,18 @@ def _voi(ds, values: np.ndarray) -> np.ndarray | None:
     return None
 
 
-def display_float(ds, min_long_side: int | None = None) -> np.ndarray:
-    """The displayed image as float32 0..1 (see :func:`display_uint8`)."""
+@dataclass(frozen=True)
+class Displayed:
+    """One decode of an image, as shown: ``image`` (uint8, bone bright; fewer rows and columns than the
+    dataset after a reduced-resolution decode) and ``window``, what :func:`fallback_window` says of it
+    (the percentile window fallen back to, in modality values; None: the image's own VOI, or colour).
+    The captures and the presentation state of an image are made from one of these."""
+
+    image: np.ndarray
+    window: tuple[float, float] | None
+
+
+def _display(ds, min_long_side: int | None) -> tuple[np.ndarray, tuple[float, float] | None]:
     pi = _photometric(ds)
     values = decode_pixels(ds, min_long_side)
     if pi in COLOUR:
@@ -206,13 +217,20 @@ def display_float(ds, min_long_side: int | None = None) -> np.ndarray:
         if pi == "PALETTE COLOR":
             # palette entries are 8 or 16 bit regardless of BitsStored
             bits = 16 if float(values.max(initial=0)) > 255 else 8
-        return np.clip(values / float(2 ** bits - 1), 0.0, 1.0).astype(np.float32)
+        return np.clip(values / float(2 ** bits - 1), 0.0, 1.0).astype(np.float32), None
+    window = None
     out = _voi(ds, values)
     if out is None or not _usable(out):
+        window = percentile_bounds(values)
         out = percentile_window(values)
     if pi == "MONOCHROME1":
         out = 1.0 - out
-    return np.ascontiguousarray(out, dtype=np.float32)
+    return np.ascontiguousarray(out, dtype=np.float32), window
+
+
+def display_float(ds, min_long_side: int | None = None) -> np.ndarray:
+    """The displayed image as float32 0..1 (see :func:`display_uint8`)."""
+    return _display(ds, min_long_side)[0]
 
 
 def fallback_window(ds, min_long_side: int | None = None) -> tuple[float, float] | None:
@@ -232,6 +250,12 @@ def display_uint8(ds, min_long_side: int | None = None) -> np.ndarray:
     With ``min_long_side`` (see :func:`decode_pixels`), possibly smaller: the VOI, modality LUT and
     MONOCHROME1 inversion are the same functions of each value."""
     return np.rint(display_float(ds, min_long_side) * 255.0).astype(np.uint8)
+
+
+def displayed(ds, min_long_side: int | None = None) -> Displayed:
+    """:func:`display_uint8` and :func:`fallback_window` of ``ds`` from one decode."""
+    out, window = _display(ds, min_long_side)
+    return Displayed(np.rint(out * 255.0).astype(np.uint8), window)
 
 
 def load_image_file(path: str | Path) -> np.ndarray:
