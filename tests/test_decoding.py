@@ -160,3 +160,19 @@ def test_decode_workers_default_and_not_processable(model):
     assert not res.processed and "no pixel data" in res.reason
     routed = stages.route(images, [res], RoutingSection())
     assert routed.destinations == {k: () for k in OUTPUT_KINDS}
+
+
+def test_blend_of_the_pixels_above_the_floor_equals_the_whole_image_formula():
+    from dicom_node.sc import enum
+    from dicom_node.sc.content import blend, colour_lut
+
+    rng = np.random.default_rng(16)
+    display = rng.integers(0, 256, (301, 257), dtype=np.uint8)
+    for heat in (rng.random((301, 257), dtype=np.float32) ** 3, np.zeros((301, 257), np.float32),
+                 np.full((301, 257), enum.MAP_FLOOR, np.float32), np.ones((301, 257), np.float32)):
+        grey = np.repeat(display[..., None], 3, axis=2).astype(np.float32)
+        colour = colour_lut()[np.clip(np.rint(heat * 255), 0, 255).astype(np.int64)].astype(np.float32)
+        alpha = (enum.MAX_ALPHA * np.clip((heat - enum.MAP_FLOOR) / (1.0 - enum.MAP_FLOOR), 0.0, 1.0))[..., None]
+        expected = np.clip(np.rint(grey * (1.0 - alpha) + colour * alpha), 0, 255).astype(np.uint8)
+        assert np.array_equal(blend(display, heat), expected)
+    assert np.array_equal(blend(display, None), np.repeat(display[..., None], 3, axis=2))

@@ -170,14 +170,21 @@ def choose_map(result: ImageResult) -> tuple[np.ndarray | None, str]:
 
 def blend(display: np.ndarray, heat: np.ndarray | None) -> np.ndarray:
     """Greyscale uint8 image with the colour-mapped ``heat`` (0..1, same shape) blended over it."""
-    grey = np.repeat(display[..., None], 3, axis=2).astype(np.float32)
+    out = np.repeat(np.asarray(display, dtype=np.uint8)[..., None], 3, axis=2)
     if heat is None:
-        return grey.astype(np.uint8)
-    lut = colour_lut()
-    colour = lut[np.clip(np.rint(heat * 255), 0, 255).astype(np.int64)].astype(np.float32)
-    ramp = np.clip((heat - enum.MAP_FLOOR) / (1.0 - enum.MAP_FLOOR), 0.0, 1.0)
-    alpha = (enum.MAX_ALPHA * ramp)[..., None].astype(np.float32)
-    return np.clip(np.rint(grey * (1.0 - alpha) + colour * alpha), 0, 255).astype(np.uint8)
+        return out
+    # only where the map is above its floor does the overlay show (elsewhere its opacity is 0 and the
+    # radiograph stays as it is): blend those pixels only, most of the image is untouched
+    where = heat > enum.MAP_FLOOR
+    if not where.any():
+        return out
+    h = heat[where]
+    grey = display[where].astype(np.float32)[:, None]
+    colour = colour_lut()[np.clip(np.rint(h * 255), 0, 255).astype(np.int64)].astype(np.float32)
+    ramp = np.clip((h - enum.MAP_FLOOR) / (1.0 - enum.MAP_FLOOR), 0.0, 1.0)
+    alpha = (enum.MAX_ALPHA * ramp)[:, None].astype(np.float32)
+    out[where] = np.clip(np.rint(grey * (1.0 - alpha) + colour * alpha), 0, 255).astype(np.uint8)
+    return out
 
 
 def heatmap_layout(result: ImageResult, model: ModelInfo, title: str = "") -> tuple[Layout, list[str]]:
