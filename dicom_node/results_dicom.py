@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_node.errors import EncodingError, ImageNotProcessable
@@ -177,18 +178,7 @@ def build_result_objects(source_datasets: Sequence[Dataset], results: Sequence[I
     pr_ids: list[str] = []
     instance_number = 2  # the summary page is instance 1
     labels = [image_label(ds) for ds in sources]
-    for number, (ds, result) in enumerate(zip(sources, results), 1):
-        if not result.processed:
-            continue
-        if (int(ds.Rows), int(ds.Columns)) != (int(result.rows), int(result.columns)):
-            raise EncodingError(f"result for image {number} is {result.columns}x{result.rows}, "
-                                f"the image is {ds.Columns}x{ds.Rows}")
-        try:
-            shown = capture_display(ds, (displays or {}).get(str(ds.SOPInstanceUID)))
-        except ImageNotProcessable as exc:
-            raise EncodingError(f"image {number} was processed but cannot be displayed: {exc.reason}") from exc
-        pixels = sc_content.render_heatmap(shown.image, result, model,
-                                           title=f"image {number} of {len(sources)} ({labels[number - 1]})")
+    for ds, result, shown, pixels in _heatmaps(sources, results, model, displays, labels):
         _, map_label = sc_content.choose_map(result)
         derivation = (f"{map_label or 'no'} map of {model.name} {model.version} blended over the source image as "
                       f"displayed (VOI applied); fracture boxes: solid = definite, dotted = suspected")
@@ -211,6 +201,38 @@ def build_result_objects(source_datasets: Sequence[Dataset], results: Sequence[I
                   created=created, concept_overrides=concept_overrides)
     return ResultObjects(identity=identity, sr=sr, heatmaps=heatmaps, summary=summary, heatmap_ids=heatmap_ids,
                          presentation_states=presentation_states, presentation_state_ids=pr_ids)
+
+
+def _heatmaps(sources: Sequence[Dataset], results: Sequence[ImageResult], model: ModelInfo,
+              displays: Mapping[str, Displayed] | None, labels: Sequence[str]):
+    """(dataset, result, the decode shown, the heatmap capture's pixels) of each processed image of a study,
+    in order (``sources`` and ``results`` aligned)."""
+    for number, (ds, result) in enumerate(zip(sources, results), 1):
+        if not result.processed:
+            continue
+        if (int(ds.Rows), int(ds.Columns)) != (int(result.rows), int(result.columns)):
+            raise EncodingError(f"result for image {number} is {result.columns}x{result.rows}, "
+                                f"the image is {ds.Columns}x{ds.Rows}")
+        try:
+            shown = capture_display(ds, (displays or {}).get(str(ds.SOPInstanceUID)))
+        except ImageNotProcessable as exc:
+            raise EncodingError(f"image {number} was processed but cannot be displayed: {exc.reason}") from exc
+        pixels = sc_content.render_heatmap(shown.image, result, model,
+                                           title=f"image {number} of {len(sources)} ({labels[number - 1]})")
+        yield ds, result, shown, pixels
+
+
+def render_heatmaps(source_datasets: Sequence[Dataset], results: Sequence[ImageResult], model: ModelInfo, *,
+                    displays: Mapping[str, Displayed] | None = None) -> dict[str, np.ndarray]:
+    """The pixels of the heatmap captures :func:`build_result_objects` would make for this study (by source
+    SOP Instance UID), without building any object: ``dicom-node infer`` without ``--dicom-out``.
+    Raises :class:`EncodingError`."""
+    pairs = align(source_datasets, results)
+    sources = [p[0] for p in pairs]
+    _check_one_study(sources)
+    labels = [image_label(ds) for ds in sources]
+    return {str(ds.SOPInstanceUID): pixels
+            for ds, _, _, pixels in _heatmaps(sources, [p[1] for p in pairs], model, displays, labels)}
 
 
 def capture_display(ds: Dataset, decoded: Displayed | None = None) -> Displayed:
@@ -308,5 +330,5 @@ def write_results_for_files(pairs: Sequence[tuple[Path | str, ImageResult]], mod
     return written, errors
 
 
-__all__ = ["ResultObjects", "build_result_objects", "capture_display", "write_result_objects",
+__all__ = ["ResultObjects", "build_result_objects", "render_heatmaps", "capture_display", "write_result_objects",
            "write_results_for_files", "align", "output_names", "card_concepts", "predecessor_reference"]

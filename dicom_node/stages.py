@@ -38,7 +38,13 @@ from dicom_node import header_clean, imagesize
 from dicom_node.config import OUTPUT_KINDS, LimitsSection, RoutingRule, RoutingSection
 from dicom_node.decoding import Decoded, DecoderPool, decode_image
 from dicom_node.logs import describe_error
-from dicom_node.results_dicom import ResultObjects, build_result_objects, card_concepts, write_result_objects
+from dicom_node.results_dicom import (
+    ResultObjects,
+    build_result_objects,
+    card_concepts,
+    render_heatmaps,
+    write_result_objects,
+)
 from dicom_node.routing import ImageFacts, apply_heads, destinations
 from dicom_node.routing import route as route_rule
 from dicom_node.sop import STORAGE_SOP_CLASSES
@@ -264,11 +270,9 @@ def skip_reason(images: Sequence[LoadedImage]) -> str:
 
 
 # -- encode ----------------------------------------------------------------------------------------------
-def encode(images: Sequence[LoadedImage], results: Sequence[ImageResult], model: ModelInfo, *, card=None,
-           result_version: int = 1, predecessor: Dataset | None = None) -> ResultObjects:
-    """SR, heatmap SCs, summary SC and presentation states of one study: every loaded image (``ds`` not None) is in the
-    summary and the SR, processed or not. ``card`` (the bundle's) supplies the coded concepts.
-    Raises :class:`~dicom_node.errors.EncodingError`."""
+def _study_pairs(images: Sequence[LoadedImage], results: Sequence[ImageResult]
+                 ) -> tuple[list[tuple[Dataset, ImageResult]], dict[str, Displayed]]:
+    """The (dataset, result) pairs a study's result objects are made of, and the decodes kept for them."""
     pairs = [(im.ds, replace(r, image_id=str(im.ds.SOPInstanceUID)) if r.image_id != im.ds.get("SOPInstanceUID")
               else r) for im, r in zip(images, results, strict=True) if im.ds is not None]
     # a bad value in a copied attribute is emptied, not fatal; an image naming another patient is left out
@@ -277,9 +281,26 @@ def encode(images: Sequence[LoadedImage], results: Sequence[ImageResult], model:
     for i in other:
         log.warning("image %d names another patient than the study's first image; left out of the study's "
                     "results", i + 1)
-    pairs = [pairs[i] for i in keep]
     displays = {str(im.ds.SOPInstanceUID): shown for im in images
                 if im.ds is not None and im.decoded is not None and (shown := im.decoded.for_capture()) is not None}
+    return [pairs[i] for i in keep], displays
+
+
+def heatmaps_only(images: Sequence[LoadedImage], results: Sequence[ImageResult], model: ModelInfo
+                  ) -> dict[str, np.ndarray]:
+    """The pixels of the heatmap captures :func:`encode` would make (by SOP Instance UID), without building the
+    SR, the captures as DICOM or the presentation states (``dicom-node infer`` without ``--dicom-out``).
+    Raises :class:`~dicom_node.errors.EncodingError`."""
+    pairs, displays = _study_pairs(images, results)
+    return render_heatmaps([d for d, _ in pairs], [r for _, r in pairs], model, displays=displays)
+
+
+def encode(images: Sequence[LoadedImage], results: Sequence[ImageResult], model: ModelInfo, *, card=None,
+           result_version: int = 1, predecessor: Dataset | None = None) -> ResultObjects:
+    """SR, heatmap SCs, summary SC and presentation states of one study: every loaded image (``ds`` not None) is in the
+    summary and the SR, processed or not. ``card`` (the bundle's) supplies the coded concepts.
+    Raises :class:`~dicom_node.errors.EncodingError`."""
+    pairs, displays = _study_pairs(images, results)
     return build_result_objects([d for d, _ in pairs], [r for _, r in pairs], model, result_version=result_version,
                                 predecessor=predecessor,
                                 concept_overrides=card_concepts(card) if card is not None else None,
@@ -328,5 +349,5 @@ def write_files(objs: ResultObjects, out_dir: Path | str) -> list[Path]:
 
 
 __all__ = ["LoadedImage", "Routed", "EncodedObject", "load_instances", "load_file", "unsupported_reason", "infer",
-           "predict_in_batches", "route", "skip_reason", "encode", "heatmap_pixels", "to_part10", "write_files",
-           "OUTPUT_OF", "UNSUPPORTED", "ROUTING_RULE", "NOT_PROCESSABLE"]
+           "predict_in_batches", "route", "skip_reason", "encode", "heatmaps_only", "heatmap_pixels", "to_part10",
+           "write_files", "OUTPUT_OF", "UNSUPPORTED", "ROUTING_RULE", "NOT_PROCESSABLE"]
