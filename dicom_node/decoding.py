@@ -9,9 +9,12 @@ Each image is decoded once for the model, at the smallest resolution that gives 
 resolution that gives the capture its size (:func:`dicom_node.sc.content.capture_side`). The encode stage
 then renders the capture and the presentation state from that decode without decoding again.
 
-Threads, not processes: the decoders (OpenJPEG and libjpeg through Pillow, pydicom's pixel handlers)
-and numpy release the GIL for the bulk of the work, and a dataset need not be copied to another process.
-With ``pipeline.decode_workers: 0`` the images are decoded in the inference thread, one batch at a time.
+Threads, not processes: a dataset need not be copied to another process, and the inference workers are
+daemonic processes, which may not start children. torch releases the GIL in its operations, so a decoder
+thread works while the model does; but the JPEG 2000 decoders at hand (pylibjpeg-openjpeg for full
+decodes, Pillow's OpenJPEG for reduced ones) hold the GIL while they decode, so two decoder threads do
+not decode two JPEG 2000 images at once (measured in docs/performance.md). With
+``pipeline.decode_workers: 0`` the images are decoded in the inference thread, one batch at a time.
 """
 
 from __future__ import annotations
