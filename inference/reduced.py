@@ -209,7 +209,8 @@ def reduced_frame(ds, min_long_side: int) -> np.ndarray | None:
             return _decode_j2k(ds, data, min_long_side)
         return _decode_jpeg(ds, data, min_long_side)
     except Exception as exc:  # noqa: BLE001 - any trouble here: the full decoder decides
-        log.debug("reduced decoding not used (%s: %s); decoding in full", type(exc).__name__, exc)
+        # the error's type only: a decoder's or pydicom's text can quote a value
+        log.debug("reduced decoding not used (%s); decoding in full", type(exc).__name__)
         return None
 
 
