@@ -226,6 +226,9 @@ class PipelineSection(_Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: Annotated[int, Field(ge=1, le=256)] = 8  # images per forward pass (dicom_node.stages.infer)
     workers: Annotated[int, Field(ge=1, le=8)] = 1
+    # decoder threads per worker, decoding the next batch while the model reads one (dicom_node.decoding);
+    # 0: decode in the inference thread
+    decode_workers: Annotated[int, Field(ge=0, le=64)] = 2
     rerun_on_late_images: bool = True
     lease_seconds: Annotated[float, Field(gt=0)] = 600.0  # a claim not renewed for this long is taken back
     threads: Annotated[int, Field(ge=1, le=256)] | None = None  # CPU threads per worker; None: cores - 1

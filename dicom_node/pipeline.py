@@ -5,7 +5,8 @@ inputs and outputs, as MONAI Deploy operators) with the index calls of :class:`s
 
 1. ``claim``   index → :class:`ClaimedStudy` (atomic; several workers may run)
 2. ``load``    instance rows → :class:`~dicom_node.stages.LoadedImage` (SOP class and modality filter)
-3. ``infer``   loaded images → one :class:`ImageResult` per image, ``pipeline.batch_size`` at a time
+3. ``infer``   loaded images → one :class:`ImageResult` per image, ``pipeline.batch_size`` at a time,
+               the next batch decoded meanwhile by ``pipeline.decode_workers`` threads
 4. ``route``   results + routing rules → results filtered to the rule's heads, destinations per output
 5. ``encode``  datasets + results → SR, heatmap SCs, summary SC, presentation states (validated at
                construction)
@@ -31,6 +32,7 @@ import pydicom
 
 from dicom_node import stages
 from dicom_node.config import Config
+from dicom_node.decoding import DecoderPool
 from dicom_node.errors import EXPECTED_ERRORS, EncodingError, InvalidDataset
 from dicom_node.metrics import METRICS
 from storage.files import InstanceStore
@@ -65,11 +67,14 @@ class Pipeline:
             device = None if cfg.pipeline.device == "auto" else cfg.pipeline.device
             model = load_bundle(cfg.pipeline.bundle, device=device)
         self.model = model
+        # decoder threads: the next batch of a study is decoded while the model reads one
+        self.decoder = DecoderPool(cfg.pipeline.decode_workers)
         self.last_timing: tuple[float, int] | None = None  # (seconds, images) of the last study inferred
         info = model.info
         log.info("model %s %s loaded (weights %s…)", info.name, info.version, info.weights_sha256[:12])
 
     def close(self) -> None:
+        self.decoder.close()
         self.index.close()
 
     # -- the loop ------------------------------------------------------------
@@ -136,7 +141,7 @@ class Pipeline:
         images = stages.load_instances(claim.instances, self.store.abspath, claim.calling_ae,
                                            self.cfg.limits.max_image_pixels)
         t0 = time.monotonic()
-        results = stages.infer(self.model, images, self.cfg.pipeline.batch_size)
+        results = stages.infer(self.model, images, self.cfg.pipeline.batch_size, decoder=self.decoder)
         self.last_timing = (time.monotonic() - t0, len(images))
         self.jobs.heartbeat(claim)
         routed = stages.route(images, results, self.cfg.routing, claim.calling_ae)

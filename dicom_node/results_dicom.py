@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_node.errors import EncodingError, ImageNotProcessable
@@ -28,6 +29,7 @@ from dicom_node.result_series import created_now
 from dicom_node.sc import content as sc_content
 from dicom_node.sc.sop import build_sc
 from dicom_node.sr.sop import build_sr
+from inference.pixels import Displayed
 from inference.results import CodedConcept, ImageResult, ModelInfo
 
 # highdicom logs every module it copies at INFO; the node's log has no use for that chatter
@@ -140,7 +142,8 @@ def _summary_header(first: Dataset, results: Sequence[ImageResult]) -> list[str]
 def build_result_objects(source_datasets: Sequence[Dataset], results: Sequence[ImageResult], model: ModelInfo,
                          result_version: int = 1, predecessor: Dataset | None = None, *,
                          concept_overrides: Mapping[str, CodedConcept] | None = None,
-                         created: datetime | None = None) -> ResultObjects:
+                         created: datetime | None = None, displays: Mapping[str, Displayed] | None = None
+                         ) -> ResultObjects:
     """SR, heatmap SCs, summary SC and presentation states for one study.
 
     ``source_datasets`` are the study's images (pixel data needed for the processed ones),
@@ -149,10 +152,13 @@ def build_result_objects(source_datasets: Sequence[Dataset], results: Sequence[I
     with the SOP Class/Instance, Series and Study UIDs of the SR it supersedes) goes into
     the Predecessor Documents Sequence. ``concept_overrides`` maps finding names to the
     model card's concepts. ``created`` (default: now) is the instant every object of this version
-    carries as its Series, Content and Instance Creation Date/Time.
+    carries as its Series, Content and Instance Creation Date/Time. ``displays`` (by SOP Instance UID):
+    images already decoded (:func:`inference.pixels.displayed`, e.g. for the model or ahead of it), used
+    for the heatmap capture and the presentation state when large enough for the capture
+    (:func:`~dicom_node.sc.content.capture_side`); any other processed image is decoded here once, at the
+    smallest resolution the capture needs, for both.
     Raises :class:`EncodingError` on anything inconsistent.
     """
-    from inference.pixels import display_uint8
 
     pairs = align(source_datasets, results)
     sources = [p[0] for p in pairs]
@@ -172,18 +178,7 @@ def build_result_objects(source_datasets: Sequence[Dataset], results: Sequence[I
     pr_ids: list[str] = []
     instance_number = 2  # the summary page is instance 1
     labels = [image_label(ds) for ds in sources]
-    for number, (ds, result) in enumerate(zip(sources, results), 1):
-        if not result.processed:
-            continue
-        if (int(ds.Rows), int(ds.Columns)) != (int(result.rows), int(result.columns)):
-            raise EncodingError(f"result for image {number} is {result.columns}x{result.rows}, "
-                                f"the image is {ds.Columns}x{ds.Rows}")
-        try:
-            display = display_uint8(ds)
-        except ImageNotProcessable as exc:
-            raise EncodingError(f"image {number} was processed but cannot be displayed: {exc.reason}") from exc
-        pixels = sc_content.render_heatmap(display, result, model,
-                                           title=f"image {number} of {len(sources)} ({labels[number - 1]})")
+    for ds, result, shown, pixels in _heatmaps(sources, results, model, displays, labels):
         _, map_label = sc_content.choose_map(result)
         derivation = (f"{map_label or 'no'} map of {model.name} {model.version} blended over the source image as "
                       f"displayed (VOI applied); fracture boxes: solid = definite, dotted = suspected")
@@ -194,7 +189,7 @@ def build_result_objects(source_datasets: Sequence[Dataset], results: Sequence[I
         instance_number += 1
         if presentable(ds):  # a colour source gets no grayscale presentation state
             presentation_states.append(build_gsps(ds, result, model, identity, instance_number=len(pr_ids) + 1,
-                                                  created=created))
+                                                  created=created, window=shown.window))
             pr_ids.append(identity.file_id("gsps", sop_uid))
 
     page = sc_content.render_summary(results, labels, model, _summary_header(sources[0], results))
@@ -206,6 +201,51 @@ def build_result_objects(source_datasets: Sequence[Dataset], results: Sequence[I
                   created=created, concept_overrides=concept_overrides)
     return ResultObjects(identity=identity, sr=sr, heatmaps=heatmaps, summary=summary, heatmap_ids=heatmap_ids,
                          presentation_states=presentation_states, presentation_state_ids=pr_ids)
+
+
+def _heatmaps(sources: Sequence[Dataset], results: Sequence[ImageResult], model: ModelInfo,
+              displays: Mapping[str, Displayed] | None, labels: Sequence[str]):
+    """(dataset, result, the decode shown, the heatmap capture's pixels) of each processed image of a study,
+    in order (``sources`` and ``results`` aligned)."""
+    for number, (ds, result) in enumerate(zip(sources, results), 1):
+        if not result.processed:
+            continue
+        if (int(ds.Rows), int(ds.Columns)) != (int(result.rows), int(result.columns)):
+            raise EncodingError(f"result for image {number} is {result.columns}x{result.rows}, "
+                                f"the image is {ds.Columns}x{ds.Rows}")
+        try:
+            shown = capture_display(ds, (displays or {}).get(str(ds.SOPInstanceUID)))
+        except ImageNotProcessable as exc:
+            raise EncodingError(f"image {number} was processed but cannot be displayed: {exc.reason}") from exc
+        pixels = sc_content.render_heatmap(shown.image, result, model,
+                                           title=f"image {number} of {len(sources)} ({labels[number - 1]})")
+        yield ds, result, shown, pixels
+
+
+def render_heatmaps(source_datasets: Sequence[Dataset], results: Sequence[ImageResult], model: ModelInfo, *,
+                    displays: Mapping[str, Displayed] | None = None) -> dict[str, np.ndarray]:
+    """The pixels of the heatmap captures :func:`build_result_objects` would make for this study (by source
+    SOP Instance UID), without building any object: ``dicom-node infer`` without ``--dicom-out``.
+    Raises :class:`EncodingError`."""
+    pairs = align(source_datasets, results)
+    sources = [p[0] for p in pairs]
+    _check_one_study(sources)
+    labels = [image_label(ds) for ds in sources]
+    return {str(ds.SOPInstanceUID): pixels
+            for ds, _, _, pixels in _heatmaps(sources, [p[1] for p in pairs], model, displays, labels)}
+
+
+def capture_display(ds: Dataset, decoded: Displayed | None = None) -> Displayed:
+    """The image of ``ds`` as its heatmap capture and presentation state show it: ``decoded`` when it is the
+    full image or a reduced decode at least as large as the capture needs, else one decode at the smallest
+    resolution that gives the capture its size. Raises :class:`~inference.errors.ImageNotProcessable`."""
+    from inference.pixels import displayed
+
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    need = sc_content.capture_side(rows, columns)
+    if decoded is not None and (decoded.image.shape == (rows, columns) or max(decoded.image.shape) >= need):
+        return decoded
+    return displayed(ds, need)
 
 
 def _write(ds: Dataset, path: Path) -> None:
@@ -290,5 +330,5 @@ def write_results_for_files(pairs: Sequence[tuple[Path | str, ImageResult]], mod
     return written, errors
 
 
-__all__ = ["ResultObjects", "build_result_objects", "write_result_objects", "write_results_for_files", "align",
-           "output_names", "card_concepts", "predecessor_reference"]
+__all__ = ["ResultObjects", "build_result_objects", "render_heatmaps", "capture_display", "write_result_objects",
+           "write_results_for_files", "align", "output_names", "card_concepts", "predecessor_reference"]

@@ -36,11 +36,19 @@ from pydicom.filebase import DicomBytesIO
 
 from dicom_node import header_clean, imagesize
 from dicom_node.config import OUTPUT_KINDS, LimitsSection, RoutingRule, RoutingSection
+from dicom_node.decoding import Decoded, DecoderPool, decode_image
 from dicom_node.logs import describe_error
-from dicom_node.results_dicom import ResultObjects, build_result_objects, card_concepts, write_result_objects
+from dicom_node.results_dicom import (
+    ResultObjects,
+    build_result_objects,
+    card_concepts,
+    render_heatmaps,
+    write_result_objects,
+)
 from dicom_node.routing import ImageFacts, apply_heads, destinations
 from dicom_node.routing import route as route_rule
 from dicom_node.sop import STORAGE_SOP_CLASSES
+from inference.pixels import Displayed
 from inference.results import ImageResult, ModelInfo
 from inference.vocabulary import reads_modality
 
@@ -65,6 +73,7 @@ class LoadedImage:
     included), None when the image is not loaded; ``reason`` says why the image cannot be
     processed (None: it can), ``reason_kind`` is one of :data:`UNSUPPORTED`, :data:`ROUTING_RULE`,
     :data:`NOT_PROCESSABLE`. ``row`` is the index row it came from (the node), ``source`` its file.
+    ``decoded``: its decode by the infer stage, which the encode stage renders the capture from.
     """
 
     image_id: str
@@ -76,6 +85,7 @@ class LoadedImage:
     columns: int = 0
     row: dict | None = None
     source: Path | None = None
+    decoded: Decoded | None = None
 
     @property
     def processable(self) -> bool:
@@ -156,19 +166,40 @@ def load_file(path: Path | str, image_id: str | None = None, max_pixels: int | N
 
 
 # -- infer -----------------------------------------------------------------------------------------------
-def infer(model, images: Sequence[LoadedImage], batch_size: int, heads: set[str] | None = None) -> list[ImageResult]:
+def infer(model, images: Sequence[LoadedImage], batch_size: int, heads: set[str] | None = None,
+          decoder: DecoderPool | None = None, captures: bool = True) -> list[ImageResult]:
     """One result per image, parallel to ``images``; an image that cannot be processed gets a
     not-processed result with its reason. The model sees at most ``batch_size`` images at a time
-    (``pipeline.batch_size``: the images of one forward pass)."""
+    (``pipeline.batch_size``: the images of one forward pass); ``decoder`` (``pipeline.decode_workers``
+    threads; None: the calling thread) decodes the next batch while the model reads one.
+
+    Each image is decoded at the smallest resolution that gives the model its input and, with
+    ``captures``, its heatmap capture its size (:func:`dicom_node.decoding.decode_image`); the decode is
+    kept on the image (``LoadedImage.decoded``), for the encode stage to render from."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
     results: list[ImageResult | None] = [None] * len(images)
     todo = [i for i, im in enumerate(images) if im.processable]
     for i, im in enumerate(images):
         if not im.processable:
             results[i] = ImageResult.not_processed(im.image_id, im.reason or "not loaded", im.rows, im.columns)
-    predicted = predict_in_batches(model, model.predict_datasets, [images[i].ds for i in todo],
-                                   [images[i].image_id for i in todo], batch_size, heads)
-    for i, r in zip(todo, predicted, strict=True):
-        results[i] = r
+    if hasattr(model, "batch_size"):
+        model.batch_size = batch_size  # the model's own chunking: one forward pass per batch
+    side = getattr(model, "decode_side", None)
+    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+
+    def decode(i: int) -> Decoded:
+        return decode_image(images[i].ds, side, captures)
+
+    pool = decoder if decoder is not None else DecoderPool(0)
+    for batch, decoded in zip(batches, pool.batches(decode, batches)):
+        for i, d in zip(batch, decoded):
+            images[i].decoded = d
+        predicted = model.predict_datasets([images[i].ds for i in batch], [images[i].image_id for i in batch], heads,
+                                           decoded=[d.model.image if isinstance(d.model, Displayed) else d.model
+                                                    for d in decoded])
+        for i, r in zip(batch, predicted, strict=True):
+            results[i] = r
     return results  # type: ignore[return-value]
 
 
@@ -239,11 +270,9 @@ def skip_reason(images: Sequence[LoadedImage]) -> str:
 
 
 # -- encode ----------------------------------------------------------------------------------------------
-def encode(images: Sequence[LoadedImage], results: Sequence[ImageResult], model: ModelInfo, *, card=None,
-           result_version: int = 1, predecessor: Dataset | None = None) -> ResultObjects:
-    """SR, heatmap SCs, summary SC and presentation states of one study: every loaded image (``ds`` not None) is in the
-    summary and the SR, processed or not. ``card`` (the bundle's) supplies the coded concepts.
-    Raises :class:`~dicom_node.errors.EncodingError`."""
+def _study_pairs(images: Sequence[LoadedImage], results: Sequence[ImageResult]
+                 ) -> tuple[list[tuple[Dataset, ImageResult]], dict[str, Displayed]]:
+    """The (dataset, result) pairs a study's result objects are made of, and the decodes kept for them."""
     pairs = [(im.ds, replace(r, image_id=str(im.ds.SOPInstanceUID)) if r.image_id != im.ds.get("SOPInstanceUID")
               else r) for im, r in zip(images, results, strict=True) if im.ds is not None]
     # a bad value in a copied attribute is emptied, not fatal; an image naming another patient is left out
@@ -252,10 +281,30 @@ def encode(images: Sequence[LoadedImage], results: Sequence[ImageResult], model:
     for i in other:
         log.warning("image %d names another patient than the study's first image; left out of the study's "
                     "results", i + 1)
-    pairs = [pairs[i] for i in keep]
+    displays = {str(im.ds.SOPInstanceUID): shown for im in images
+                if im.ds is not None and im.decoded is not None and (shown := im.decoded.for_capture()) is not None}
+    return [pairs[i] for i in keep], displays
+
+
+def heatmaps_only(images: Sequence[LoadedImage], results: Sequence[ImageResult], model: ModelInfo
+                  ) -> dict[str, np.ndarray]:
+    """The pixels of the heatmap captures :func:`encode` would make (by SOP Instance UID), without building the
+    SR, the captures as DICOM or the presentation states (``dicom-node infer`` without ``--dicom-out``).
+    Raises :class:`~dicom_node.errors.EncodingError`."""
+    pairs, displays = _study_pairs(images, results)
+    return render_heatmaps([d for d, _ in pairs], [r for _, r in pairs], model, displays=displays)
+
+
+def encode(images: Sequence[LoadedImage], results: Sequence[ImageResult], model: ModelInfo, *, card=None,
+           result_version: int = 1, predecessor: Dataset | None = None) -> ResultObjects:
+    """SR, heatmap SCs, summary SC and presentation states of one study: every loaded image (``ds`` not None) is in the
+    summary and the SR, processed or not. ``card`` (the bundle's) supplies the coded concepts.
+    Raises :class:`~dicom_node.errors.EncodingError`."""
+    pairs, displays = _study_pairs(images, results)
     return build_result_objects([d for d, _ in pairs], [r for _, r in pairs], model, result_version=result_version,
                                 predecessor=predecessor,
-                                concept_overrides=card_concepts(card) if card is not None else None)
+                                concept_overrides=card_concepts(card) if card is not None else None,
+                                displays=displays)
 
 
 def heatmap_pixels(objs: ResultObjects, image: LoadedImage) -> np.ndarray | None:
@@ -300,5 +349,5 @@ def write_files(objs: ResultObjects, out_dir: Path | str) -> list[Path]:
 
 
 __all__ = ["LoadedImage", "Routed", "EncodedObject", "load_instances", "load_file", "unsupported_reason", "infer",
-           "predict_in_batches", "route", "skip_reason", "encode", "heatmap_pixels", "to_part10", "write_files",
-           "OUTPUT_OF", "UNSUPPORTED", "ROUTING_RULE", "NOT_PROCESSABLE"]
+           "predict_in_batches", "route", "skip_reason", "encode", "heatmaps_only", "heatmap_pixels", "to_part10",
+           "write_files", "OUTPUT_OF", "UNSUPPORTED", "ROUTING_RULE", "NOT_PROCESSABLE"]

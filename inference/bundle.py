@@ -226,10 +226,24 @@ class Model:
                          description=str(meta.get("description", "")))
 
     # -- low level --------------------------------------------------------------------------
-    def prepare(self, image: np.ndarray):
+    def prepare(self, image: np.ndarray, source_shape: tuple[int, int] | None = None):
         from inference.preprocess import prepare
 
-        return prepare(image, self.cfg.image_size)
+        return prepare(image, self.cfg.image_size, source_shape)
+
+    @property
+    def decode_side(self) -> int:
+        """The smallest long side an image needs to be decoded at for this model: its input size
+        (a reduced-resolution decode stops at the smallest level that still gives it)."""
+        return int(self.cfg.image_size)
+
+    def model_input_image(self, ds) -> np.ndarray:
+        """The displayed image of ``ds`` (uint8) at the smallest decodable resolution that still gives
+        the model its input (:func:`inference.pixels.display_uint8` with ``min_long_side``); raises
+        :class:`~inference.errors.ImageNotProcessable`."""
+        from inference.pixels import display_uint8
+
+        return display_uint8(ds, self.decode_side)
 
     @torch.no_grad()
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -261,18 +275,24 @@ class Model:
 
     # -- prediction ---------------------------------------------------------------------------
     def predict_datasets(self, datasets, image_ids: list[str] | None = None, heads: set[str] | None = None,
-                         maps: bool = True):
-        """One :class:`ImageResult` per dataset; an image that cannot be processed is reported, not raised."""
+                         maps: bool = True, decoded: list | None = None):
+        """One :class:`ImageResult` per dataset; an image that cannot be processed is reported, not raised.
+
+        Each image is decoded at the smallest resolution that gives the model its input
+        (:meth:`model_input_image`); maps and boxes are in the dataset's rows and columns.
+        ``decoded`` (parallel to ``datasets``): images already decoded by :meth:`model_input_image`
+        (e.g. by a decoder pool), or the :class:`~inference.errors.ImageNotProcessable` it raised."""
         from inference.errors import ImageNotProcessable
-        from inference.pixels import display_uint8
         from inference.results import ImageResult
 
         ids = list(image_ids) if image_ids is not None else [str(getattr(ds, "SOPInstanceUID", i))
                                                              for i, ds in enumerate(datasets)]
         if len(ids) != len(datasets):
             raise ValueError("image_ids and datasets differ in length")
+        if decoded is not None and len(decoded) != len(datasets):
+            raise ValueError("decoded and datasets differ in length")
         results: list = [None] * len(datasets)
-        arrays, where, hints = [], [], []
+        arrays, where, hints, shapes = [], [], [], []
         for i, ds in enumerate(datasets):
             rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
             modality = str(ds.get("Modality", "") or "").upper()
@@ -282,7 +302,9 @@ class Model:
                             f"{', '.join(sorted(MODEL_MODALITIES))})", rows, cols)
                 continue
             try:
-                arr = display_uint8(ds)
+                arr = decoded[i] if decoded is not None else self.model_input_image(ds)
+                if isinstance(arr, BaseException):
+                    raise arr
             except ImageNotProcessable as exc:
                 results[i] = ImageResult.not_processed(ids[i], exc.reason, rows, cols)
                 continue
@@ -292,14 +314,19 @@ class Model:
             arrays.append(arr)
             where.append(i)
             hints.append(str(ds.get("BodyPartExamined", "") or "").upper())
+            # a reduced decode is smaller than the dataset: the geometry is the dataset's
+            shapes.append((rows, cols) if rows and cols else None)
         for i, r in zip(where, self.predict_arrays(arrays, [ids[i] for i in where], heads, maps=maps,
-                                                    body_parts=hints)):
+                                                    body_parts=hints, source_shapes=shapes)):
             results[i] = r
         return results
 
     def predict_arrays(self, images, image_ids: list[str] | None = None, heads: set[str] | None = None,
-                       maps: bool = True, body_parts: list[str] | None = None):
-        """Displayed greyscale images (uint8, or float 0..1; bone bright) -> ImageResults."""
+                       maps: bool = True, body_parts: list[str] | None = None,
+                       source_shapes: list[tuple[int, int] | None] | None = None):
+        """Displayed greyscale images (uint8, or float 0..1; bone bright) -> ImageResults.
+        ``source_shapes`` (rows, columns per image, None: the image's own): the images are
+        reduced-resolution decodes of images of that size, which the results describe."""
         from inference.results import ImageResult
 
         ids = list(image_ids) if image_ids is not None else [str(i) for i in range(len(images))]
@@ -315,7 +342,7 @@ class Model:
             prepared, geos, failed = [], [], {}
             for i in chunk:
                 try:
-                    x, geo = self.prepare(images[i])
+                    x, geo = self.prepare(images[i], source_shapes[i] if source_shapes else None)
                     prepared.append(x)
                     geos.append((i, geo))
                 except ValueError as exc:

@@ -20,6 +20,7 @@ interpretation, not two-dimensional).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +43,19 @@ def _photometric(ds) -> str:
     return pi
 
 
-def _first_frame(ds):
-    """Decoded stored values of the first frame (RGB for colour images)."""
+def _first_frame(ds, min_long_side: int | None = None):
+    """Decoded stored values of the first frame (RGB for colour images); with ``min_long_side``, of
+    a greyscale image, possibly at a reduced resolution (see :mod:`inference.reduced`)."""
     from pydicom.pixels import pixel_array
 
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageNotProcessable("the dataset has no pixel data")
+    if min_long_side is not None and _photometric(ds) in GREY:
+        from inference.reduced import reduced_frame
+
+        reduced = reduced_frame(ds, min_long_side)
+        if reduced is not None:
+            return reduced
     try:
         n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
@@ -69,10 +77,15 @@ def _to_grey(rgb: np.ndarray) -> np.ndarray:
     return 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
 
 
-def decode_pixels(ds) -> np.ndarray:
-    """First frame of ``ds`` as float32 ``(rows, columns)``, modality LUT applied, colour made grey."""
+def decode_pixels(ds, min_long_side: int | None = None) -> np.ndarray:
+    """First frame of ``ds`` as float32 ``(rows, columns)``, modality LUT applied, colour made grey.
+
+    ``min_long_side``: a smaller image will do, as long as its long side is at least this many
+    pixels; JPEG 2000 and JPEG images are then decoded at a reduced resolution where the codec
+    allows it (:mod:`inference.reduced`), the same modality LUT applied to the reduced values. The
+    result then has fewer rows and columns than the dataset says: the caller scales coordinates."""
     pi = _photometric(ds)
-    arr = _first_frame(ds)
+    arr = _first_frame(ds, min_long_side)
     if pi == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
@@ -185,38 +198,64 @@ def _voi(ds, values: np.ndarray) -> np.ndarray | None:
     return None
 
 
-def display_float(ds) -> np.ndarray:
-    """The displayed image as float32 0..1 (see :func:`display_uint8`)."""
+@dataclass(frozen=True)
+class Displayed:
+    """One decode of an image, as shown: ``image`` (uint8, bone bright; fewer rows and columns than the
+    dataset after a reduced-resolution decode) and ``window``, what :func:`fallback_window` says of it
+    (the percentile window fallen back to, in modality values; None: the image's own VOI, or colour).
+    The captures and the presentation state of an image are made from one of these."""
+
+    image: np.ndarray
+    window: tuple[float, float] | None
+
+
+def _display(ds, min_long_side: int | None) -> tuple[np.ndarray, tuple[float, float] | None]:
     pi = _photometric(ds)
-    values = decode_pixels(ds)
+    values = decode_pixels(ds, min_long_side)
     if pi in COLOUR:
         bits = int(ds.get("BitsStored", 8) or 8)
         if pi == "PALETTE COLOR":
             # palette entries are 8 or 16 bit regardless of BitsStored
             bits = 16 if float(values.max(initial=0)) > 255 else 8
-        return np.clip(values / float(2 ** bits - 1), 0.0, 1.0).astype(np.float32)
+        return np.clip(values / float(2 ** bits - 1), 0.0, 1.0).astype(np.float32), None
+    window = None
     out = _voi(ds, values)
     if out is None or not _usable(out):
+        window = percentile_bounds(values)
         out = percentile_window(values)
     if pi == "MONOCHROME1":
         out = 1.0 - out
-    return np.ascontiguousarray(out, dtype=np.float32)
+    return np.ascontiguousarray(out, dtype=np.float32), window
 
 
-def fallback_window(ds) -> tuple[float, float] | None:
+def display_float(ds, min_long_side: int | None = None) -> np.ndarray:
+    """The displayed image as float32 0..1 (see :func:`display_uint8`)."""
+    return _display(ds, min_long_side)[0]
+
+
+def fallback_window(ds, min_long_side: int | None = None) -> tuple[float, float] | None:
     """Which VOI :func:`display_float` applies to a greyscale image: None when it is the image's own
     (VOI LUT or first window), else the (low, high) modality values of the percentile window it falls
-    back to. Presentation states use it to show the image as the node's captures do."""
-    values = decode_pixels(ds)
+    back to. Presentation states use it to show the image as the node's captures do (decoded as for
+    them: ``min_long_side`` as in :func:`decode_pixels`)."""
+    values = decode_pixels(ds, min_long_side)
     own = _voi(ds, values)
     if own is not None and _usable(own):
         return None
     return percentile_bounds(values)
 
 
-def display_uint8(ds) -> np.ndarray:
-    """The image as a person sees it, uint8 ``(rows, columns)``: VOI applied, bone bright."""
-    return np.rint(display_float(ds) * 255.0).astype(np.uint8)
+def display_uint8(ds, min_long_side: int | None = None) -> np.ndarray:
+    """The image as a person sees it, uint8 ``(rows, columns)``: VOI applied, bone bright.
+    With ``min_long_side`` (see :func:`decode_pixels`), possibly smaller: the VOI, modality LUT and
+    MONOCHROME1 inversion are the same functions of each value."""
+    return np.rint(display_float(ds, min_long_side) * 255.0).astype(np.uint8)
+
+
+def displayed(ds, min_long_side: int | None = None) -> Displayed:
+    """:func:`display_uint8` and :func:`fallback_window` of ``ds`` from one decode."""
+    out, window = _display(ds, min_long_side)
+    return Displayed(np.rint(out * 255.0).astype(np.uint8), window)
 
 
 def load_image_file(path: str | Path) -> np.ndarray:

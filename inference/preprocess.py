@@ -107,17 +107,21 @@ def as_uint8_image(image: np.ndarray) -> np.ndarray:
     return np.rint(as_float_image(a) * 255.0).astype(np.uint8)
 
 
-def resize_to_canvas(image: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
+def resize_to_canvas(image: np.ndarray, size: int, source_shape: tuple[int, int] | None = None
+                     ) -> tuple[np.ndarray, Geometry]:
     """Image (uint8, or float 0..1) -> (size x size float32 canvas 0..1 with black padding, geometry).
 
     Works on 8 bits, as the training cache did: huge images are first halved (2x2 box) until
     their long side is at most ``EARLY_DOWNSCALE_SIDE``, then box-filtered to the canvas size.
+    ``source_shape`` (rows, columns): the image is a reduced-resolution decode of an image of this
+    size (:mod:`inference.reduced`); the geometry is the source's, so maps and boxes go back to it,
+    and the image is box-filtered onto the part of the canvas the source would cover.
     """
     u8 = as_uint8_image(image)
     if u8.ndim != 2:
         raise ValueError(f"expected a 2-D greyscale image, got shape {u8.shape}")
-    rows, cols = u8.shape
-    geo = Geometry.for_image(rows, cols, size)
+    rows, cols = source_shape if source_shape is not None else u8.shape
+    geo = Geometry.for_image(int(rows), int(cols), size)
     img = Image.fromarray(u8, mode="L")
     while max(img.size) > EARLY_DOWNSCALE_SIDE:
         img = img.reduce(2)
@@ -134,9 +138,11 @@ def standardise(canvas01: np.ndarray, geo: Geometry) -> np.ndarray:
     return ((canvas01 - mean) / max(std, 0.02)).astype(np.float32)
 
 
-def prepare(image: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
-    """Displayed image -> (model input float32 size x size, geometry)."""
-    canvas, geo = resize_to_canvas(image, size)
+def prepare(image: np.ndarray, size: int, source_shape: tuple[int, int] | None = None
+            ) -> tuple[np.ndarray, Geometry]:
+    """Displayed image -> (model input float32 size x size, geometry); ``source_shape`` as in
+    :func:`resize_to_canvas`."""
+    canvas, geo = resize_to_canvas(image, size, source_shape)
     return standardise(canvas, geo), geo
 
 

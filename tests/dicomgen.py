@@ -189,3 +189,46 @@ def dataset_part(path: Path | str) -> bytes:
         read_preamble(f, False)
         _read_file_meta_info(f)
         return f.read()
+
+
+def encode_as(ds: Dataset, syntax: str) -> Dataset:
+    """A copy of an uncompressed greyscale ``ds`` in the transfer syntax ``syntax``, through a round trip
+    of Part 10 bytes (as received). JPEG 2000 and JPEG-LS by pydicom's encoders (pylibjpeg-openjpeg,
+    pyjpegls; JPEG 2000 lossy at 20:1); HTJ2K carries the JPEG 2000 Part 1 codestream (which those
+    transfer syntaxes allow; no HT block coder is at hand to encode); JPEG baseline (8-bit) by
+    Pillow at quality 90 from the values scaled to 8 bits. RLE and deflate by pydicom."""
+    import copy
+    import io
+
+    from pydicom import uid
+    from pydicom.encaps import encapsulate
+
+    out = copy.deepcopy(ds)
+    syntax = uid.UID(syntax)
+    if syntax in (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian):
+        out.file_meta.TransferSyntaxUID = syntax
+    elif syntax == uid.JPEGBaseline8Bit:
+        arr = out.pixel_array.astype(np.float64)
+        u8 = np.rint(arr / (2 ** int(out.BitsStored) - 1) * 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(u8, mode="L").save(buf, format="JPEG", quality=90)
+        out.BitsAllocated, out.BitsStored, out.HighBit, out.PixelRepresentation = 8, 8, 7, 0
+        for kw in ("WindowCenter", "WindowWidth"):
+            if kw in out:
+                del out[kw]
+        out.PixelData = encapsulate([buf.getvalue()])
+        out["PixelData"].VR = "OB"
+        out.LossyImageCompression = "01"
+        out.file_meta.TransferSyntaxUID = syntax
+    elif syntax in (uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.HTJ2K):
+        out.compress(uid.JPEG2000Lossless if syntax != uid.HTJ2K else uid.JPEG2000,
+                     **({} if syntax != uid.HTJ2K else {"j2k_cr": [20]}))
+        out.file_meta.TransferSyntaxUID = syntax
+    elif syntax == uid.JPEG2000:
+        out.compress(syntax, j2k_cr=[20])
+    else:
+        out.compress(syntax)
+    buf = io.BytesIO()
+    out.save_as(buf, enforce_file_format=True)
+    buf.seek(0)
+    return pydicom.dcmread(buf)

@@ -113,6 +113,25 @@ def test_infer_heatmap_png_is_the_capture_the_pacs_receives(tmp_path):
     assert np.array_equal(np.asarray(Image.open(out / doc["heatmap_png"])), sc.pixel_array)
 
 
+def test_infer_without_dicom_out_renders_the_same_capture(tmp_path):
+    """Without --dicom-out no result object is built, yet the heatmap PNG is the same pixels as the capture
+    written with it (and the decoder threads change nothing: --decode-workers 0 against 3)."""
+    with_objects, without = tmp_path / "with", tmp_path / "without"
+    p = run("infer", get_testdata_file("RG3_J2KI.dcm"), "--out", with_objects, "--dicom-out", tmp_path / "dicom",
+            "--json", "--decode-workers", "0", check_rc=0)
+    (a,) = json.loads(p.stdout)
+    q = run("infer", get_testdata_file("RG3_J2KI.dcm"), "--out", without, "--json", "--decode-workers", "3",
+            check_rc=0)
+    (b,) = json.loads(q.stdout)
+    (heatmap,) = (tmp_path / "dicom").rglob("heatmap_*.dcm")
+    png = np.asarray(Image.open(without / b["heatmap_png"]))
+    assert np.array_equal(png, pydicom.dcmread(heatmap).pixel_array)
+    assert np.array_equal(png, np.asarray(Image.open(with_objects / a["heatmap_png"])))
+    assert {k: v for k, v in a.items() if k not in ("json", "heatmap_png", "fracture_heatmap_png")} == \
+        {k: v for k, v in b.items() if k not in ("json", "heatmap_png", "fracture_heatmap_png")}
+    run("infer", get_testdata_file("RG3_J2KI.dcm"), "--out", tmp_path / "x", "--decode-workers", "-1", check_rc=2)
+
+
 def test_infer_applies_the_modality_filter_of_the_node(tmp_path):
     """An image the model does not read (MR) is reported as the node reports it, and a study with no
     processed image gets no DICOM objects, as the node sends none."""

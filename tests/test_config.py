@@ -32,7 +32,7 @@ def _with(path: str, value):
     node = data
     keys = path.split(".")
     for k in keys[:-1]:
-        node = node[int(k)] if k.isdigit() else node[k]
+        node = node[int(k)] if k.isdigit() else node.setdefault(k, {})
     last = keys[-1]
     if value is _DELETE:
         del node[int(last) if last.isdigit() else last]
@@ -65,6 +65,8 @@ def test_the_shipped_config_is_valid():
     ("storage.database_url", "mysql://x/y", "storage.database_url", "unsupported database"),
     ("storage.min_free_mb", -1, "storage.min_free_mb", "greater than or equal to 0"),
     ("study.quiet_seconds", 0, "study.quiet_seconds", "greater than 0"),
+    ("pipeline.decode_workers", -1, "pipeline.decode_workers", "greater than or equal to 0"),
+    ("pipeline.decode_workers", "two", "pipeline.decode_workers", "valid integer"),
     ("study", "ten", "study", "valid dictionary"),
 ])
 def test_broken_configs_name_the_key(tmp_path, path, value, key, words):

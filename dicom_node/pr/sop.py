@@ -45,14 +45,23 @@ def _first(value) -> float:
     return float(value)
 
 
-def voi_transformation(ds: Dataset) -> hd.pr.SoftcopyVOILUTTransformation:
-    """The VOI the node's captures apply to ``ds`` (see :func:`inference.pixels.display_float`)."""
+#: ``window`` not given: decode the image to find it
+_DECODE = object()
+
+
+def voi_transformation(ds: Dataset, window=_DECODE) -> hd.pr.SoftcopyVOILUTTransformation:
+    """The VOI the node's captures apply to ``ds`` (see :func:`inference.pixels.display_float`); ``window``,
+    when given, is what :func:`inference.pixels.fallback_window` says of it (from the decode the capture
+    was made of: :class:`inference.pixels.Displayed`), else the image is decoded to find it."""
     from inference.pixels import fallback_window
 
-    try:
-        fallback = fallback_window(ds)
-    except ImageNotProcessable as exc:
-        raise EncodingError(f"the image cannot be displayed: {exc.reason}") from exc
+    if window is _DECODE:
+        try:
+            fallback = fallback_window(ds)
+        except ImageNotProcessable as exc:
+            raise EncodingError(f"the image cannot be displayed: {exc.reason}") from exc
+    else:
+        fallback = window
     if fallback is None and "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
         item = ds.VOILUTSequence[0]
         desc = [int(v) for v in item.LUTDescriptor]
@@ -96,8 +105,10 @@ def _reference(ds: Dataset) -> Dataset:
 
 
 def build_gsps(ds: Dataset, result: ImageResult, model: ModelInfo, identity: ResultIdentity, *,
-               instance_number: int, created: datetime | None = None) -> hd.pr.GrayscaleSoftcopyPresentationState:
-    """The presentation state of one processed greyscale image ``ds`` (pixel data needed for the VOI)."""
+               instance_number: int, created: datetime | None = None, window=_DECODE
+               ) -> hd.pr.GrayscaleSoftcopyPresentationState:
+    """The presentation state of one processed greyscale image ``ds`` (pixel data needed for the VOI, unless
+    ``window`` says what :func:`voi_transformation` would find in them)."""
     if not result.processed:
         raise EncodingError("a presentation state is made for processed images only")
     if not presentable(ds):
@@ -105,7 +116,7 @@ def build_gsps(ds: Dataset, result: ImageResult, model: ModelInfo, identity: Res
     rows, columns = int(ds.Rows), int(ds.Columns)
     if (rows, columns) != (int(result.rows), int(result.columns)):
         raise EncodingError(f"the result is {result.columns}x{result.rows}, the image is {columns}x{rows}")
-    voi = voi_transformation(ds)  # from the pixels: before the header copy drops them
+    voi = voi_transformation(ds, window)  # from the pixels: before the header copy drops them
     ref = _reference(ds)
     description = f"AI processing algorithm {model.name} {model.version}, weights sha256 {model.weights_sha256}"
     monochrome1 = str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1"

@@ -170,14 +170,21 @@ def choose_map(result: ImageResult) -> tuple[np.ndarray | None, str]:
 
 def blend(display: np.ndarray, heat: np.ndarray | None) -> np.ndarray:
     """Greyscale uint8 image with the colour-mapped ``heat`` (0..1, same shape) blended over it."""
-    grey = np.repeat(display[..., None], 3, axis=2).astype(np.float32)
+    out = np.repeat(np.asarray(display, dtype=np.uint8)[..., None], 3, axis=2)
     if heat is None:
-        return grey.astype(np.uint8)
-    lut = colour_lut()
-    colour = lut[np.clip(np.rint(heat * 255), 0, 255).astype(np.int64)].astype(np.float32)
-    ramp = np.clip((heat - enum.MAP_FLOOR) / (1.0 - enum.MAP_FLOOR), 0.0, 1.0)
-    alpha = (enum.MAX_ALPHA * ramp)[..., None].astype(np.float32)
-    return np.clip(np.rint(grey * (1.0 - alpha) + colour * alpha), 0, 255).astype(np.uint8)
+        return out
+    # only where the map is above its floor does the overlay show (elsewhere its opacity is 0 and the
+    # radiograph stays as it is): blend those pixels only, most of the image is untouched
+    where = heat > enum.MAP_FLOOR
+    if not where.any():
+        return out
+    h = heat[where]
+    grey = display[where].astype(np.float32)[:, None]
+    colour = colour_lut()[np.clip(np.rint(h * 255), 0, 255).astype(np.int64)].astype(np.float32)
+    ramp = np.clip((h - enum.MAP_FLOOR) / (1.0 - enum.MAP_FLOOR), 0.0, 1.0)
+    alpha = (enum.MAX_ALPHA * ramp)[:, None].astype(np.float32)
+    out[where] = np.clip(np.rint(grey * (1.0 - alpha) + colour * alpha), 0, 255).astype(np.uint8)
+    return out
 
 
 def heatmap_layout(result: ImageResult, model: ModelInfo, title: str = "") -> tuple[Layout, list[str]]:
@@ -200,16 +207,42 @@ def use_statement(model: ModelInfo) -> str:
     return "AI RESULT" if model.for_diagnostic_use else enum.NOT_FOR_DIAGNOSTIC_USE
 
 
+def capture_side(rows: int, columns: int) -> int:
+    """The most pixels the image part of a heatmap capture of a ``columns`` x ``rows`` image has on its long
+    side (the layout with the fewest text lines): a reduced-resolution decode whose long side is at least
+    this is all the capture needs (:func:`inference.pixels.displayed` with ``min_long_side``)."""
+    lay = layout(rows, columns, 3)  # the use statement, the model line, one findings line
+    return max(lay.width, lay.image_height)
+
+
+def _same_image(shape: tuple[int, ...], rows: int, columns: int) -> bool:
+    """Whether an image of ``shape`` is the ``rows`` x ``columns`` image or a reduced-resolution decode of it
+    (1/2**k of each side, rounded up: JPEG 2000 levels, JPEG DCT scaling)."""
+    if len(shape) != 2:
+        return False
+    if tuple(shape) == (rows, columns):
+        return True
+    h, w = shape
+    for k in range(1, 6):
+        p = 1 << k
+        if abs(h - -(-rows // p)) <= 1 and abs(w - -(-columns // p)) <= 1:
+            return True
+    return False
+
+
 def render_heatmap(display: np.ndarray, result: ImageResult, model: ModelInfo, title: str = "") -> np.ndarray:
     """The heatmap secondary capture's pixels for one processed image (see the module docstring)."""
     if not result.processed:
         raise EncodingError("no heatmap for an image that was not processed")
     display = np.asarray(display)
-    if display.dtype != np.uint8 or display.shape != (result.rows, result.columns):
+    if display.dtype != np.uint8 or not _same_image(display.shape, result.rows, result.columns):
         raise EncodingError(f"display image {display.shape} {display.dtype} does not match the result "
                             f"({result.rows}, {result.columns}) uint8")
     heat, map_label = choose_map(result)
     lay, text_lines = heatmap_layout(result, model, title)
+    if display.shape != (result.rows, result.columns) and max(display.shape) < max(lay.width, lay.image_height):
+        raise EncodingError(f"display image {display.shape} is a reduced decode smaller than the capture "
+                            f"({lay.image_height}, {lay.width})")
     fnt = font(lay.font_size)
     bold = font(lay.font_size, bold=True)
 
