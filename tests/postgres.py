@@ -8,6 +8,7 @@ cluster belongs to the ``postgres`` user the package creates, and its programs r
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import shutil
@@ -49,6 +50,7 @@ class Postgres:
             pw = pwd.getpwnam(self.user)
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
         self.role = self.user or pwd.getpwuid(os.geteuid()).pw_name
+        self._made: set[str] = set()
 
     def _run(self, program: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         cmd = [str(self.bindir / program), *args]
@@ -78,10 +80,13 @@ class Postgres:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def new_database(self) -> str:
-        """A new empty database; its SQLAlchemy URL (psycopg 3, loopback TCP)."""
-        name = "t_" + uuid.uuid4().hex[:12]
-        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.role, name)
+    def new_database(self, name: str | None = None) -> str:
+        """A database (new and empty, unless ``name`` was made before); its SQLAlchemy URL (psycopg 3,
+        loopback TCP)."""
+        name = name or "t_" + uuid.uuid4().hex[:12]
+        if name not in self._made:
+            self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.role, name)
+            self._made.add(name)
         return f"postgresql+psycopg://{self.role}@127.0.0.1:{self.port}/{name}"
 
 
@@ -111,8 +116,10 @@ def server() -> Postgres:
 
 
 def database_url(workdir: Path, kind: str | None = None) -> str:
-    """A new, empty index database for a test: SQLite in ``workdir``, or a new database on the
-    session's PostgreSQL server (``kind``, default :func:`backend`)."""
+    """The index database of a test's ``workdir``: SQLite in it, or a database of the session's
+    PostgreSQL server named after it (``kind``, default :func:`backend`)."""
     if (kind or backend()) == "postgresql":
-        return server().new_database()
+        # one database per folder, as SQLite has one file per folder: a node restarted on the same
+        # folder finds its index again
+        return server().new_database("t_" + hashlib.sha256(str(Path(workdir).resolve()).encode()).hexdigest()[:20])
     return f"sqlite:///{Path(workdir) / 'var' / 'index.sqlite'}"
