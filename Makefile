@@ -6,13 +6,13 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= config.yaml
 PYTEST_ARGS ?=
 
-.PHONY: run test lint pytest venv bench clean check-config ohif
+.PHONY: run test test-postgresql lint pytest venv bench clean check-config ohif
 
 $(STAMP): setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/pip install --quiet -e '.[test,training]'
+	$(BIN)/pip install --quiet -e '.[test,training,postgresql]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -32,6 +32,11 @@ lint: $(STAMP)
 
 pytest: $(STAMP) ohif
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The same suite with every node and index on a private PostgreSQL server (tests/postgres.py) instead of
+# SQLite; `make test` already runs the storage and migration tests on both.
+test-postgresql: $(STAMP) ohif
+	MSKNODE_TEST_DATABASE=postgresql $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The prebuilt OHIF Viewer for the browser test (npm pack @ohif/app into .cache/, once); skipped without npm,
 # and then the browser test says what is missing.

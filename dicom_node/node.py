@@ -141,7 +141,7 @@ class Node:
         if removed:
             log.warning("start-up sweep: %d stored file(s) without an index row removed (%.1f MB), left by an "
                         "earlier run that stopped between writing and indexing them", removed, freed / 1e6)
-        released = self.jobs.release_claims(claim_prefix())
+        released = self.jobs.release_claims(claim_prefix(self.cfg))
         if released:
             log.info("%d stud%s left inferring by an earlier run: back to stable", released,
                      "y" if released == 1 else "ies")

@@ -46,12 +46,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("dicom_node.pipeline")
 
 
-def worker_id(n: int = 0) -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{n}"
+def node_identity(cfg: Config) -> str:
+    """This node among the nodes that share one database: its host name and DICOM port, the same
+    across its restarts. Its workers' study claims and its sender's delivery claims carry it, so that
+    a node gives back only its own claims when it (re)starts, never another node's."""
+    return f"{socket.gethostname()}/{cfg.node.port}"
 
 
-def claim_prefix() -> str:
-    return f"{socket.gethostname()}:"
+def worker_id(cfg: Config, n: int = 0) -> str:
+    return f"{node_identity(cfg)}:{os.getpid()}:{n}"
+
+
+def claim_prefix(cfg: Config) -> str:
+    return f"{node_identity(cfg)}:"
 
 
 class Pipeline:
@@ -60,7 +67,7 @@ class Pipeline:
         self.index = Index(cfg.storage.database_url)
         self.jobs = Jobs(self.index)
         self.store = InstanceStore(cfg.storage.path)
-        self.worker = worker or worker_id()
+        self.worker = worker or worker_id(cfg)
         if model is None:
             from inference import load_bundle
 
@@ -240,7 +247,7 @@ def worker_main(cfg: Config, n: int, control, done, parent_pid: int | None = Non
 
     torch.set_num_threads(cfg.pipeline.threads or max(1, (os.cpu_count() or 2) - 1))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops its workers through the control pipe
-    pipeline = Pipeline(cfg, worker=worker_id(n))
+    pipeline = Pipeline(cfg, worker=worker_id(cfg, n))
     if loaded is not None:  # shared with the node: /readyz reports the model loaded
         loaded.value = 1
     try:
@@ -317,7 +324,7 @@ class WorkerPool:
             if p.is_alive() or now < self._not_before.get(n, 0.0):
                 continue
             if n not in self._not_before:  # just found dead: give its claims back, decide when to restart
-                released = self.jobs.release_claims(f"{socket.gethostname()}:{p.pid}:")
+                released = self.jobs.release_claims(f"{claim_prefix(self.cfg)}{p.pid}:")
                 early = now - self._started.get(n, now) < 60
                 self._failures[n] = self._failures.get(n, 0) + 1 if early else 0
                 delay = min(300.0, 5.0 * 2 ** self._failures[n]) if early else 0.0

@@ -82,6 +82,12 @@ class Sender:
         self._recovered: set[int] = set()  # studies with in-flight deliveries looked at in this pass
         self._scheduler = None
         self._tls: dict[str, tuple[ssl.SSLContext, str] | None] = {}  # destination -> AE.associate tls_args
+        from dicom_node.pipeline import node_identity
+
+        # this node's claim on the deliveries it has on the wire, and for how long (more than one
+        # C-STORE may take): another node on the same database settles them only after the lease
+        self.owner = f"{node_identity(cfg)}:sender"
+        self.lease_seconds = 2 * cfg.sending.timeout_seconds + 30
 
     # -- lifecycle -------------------------------------------------------------
     def start(self, scheduler) -> None:
@@ -148,6 +154,11 @@ class Sender:
 
     def _pass(self) -> int:
         self._recovered.clear()
+        if not self._rejections_swept:  # the first pass of this run
+            mine = self.queue.release_in_flight(self.owner)  # left by this node's previous run: settle at once
+            if mine:
+                log.info("%d delivery(ies) this node left in flight when it stopped: asking the destination "
+                         "first", mine)
         sent = self.recover(now=utcnow())
         if not self._rejections_swept:
             self._queue_rejection_notes(None)  # at start-up: the whole index
@@ -274,7 +285,7 @@ class Sender:
                     failed[it.delivery_id] = err
                     last_error = err
                     continue
-                if not self.queue.mark_sending([it.delivery_id]):
+                if not self.queue.mark_sending([it.delivery_id], self.owner, self.lease_seconds):
                     continue  # cancelled (superseded) or taken meanwhile
                 try:
                     rsp = assoc.send_c_store(ds)
@@ -391,7 +402,7 @@ class Sender:
     def recover(self, now: dt.datetime | None = None) -> int:
         """Settle the deliveries left ``sending`` (a crash, a lost response) by asking each destination
         whether it holds the instance. Returns how many were found there (now ``sent``)."""
-        items = self.queue.in_flight(now=now or utcnow())
+        items = self.queue.claim_in_flight(self.owner, self.lease_seconds, now=now or utcnow())
         if not items:
             return 0
         self._recovered.update(it.study_id for it in items)

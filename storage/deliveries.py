@@ -33,6 +33,14 @@ object of the current version with one pending delivery: the same queue sends it
 A delivery is *undelivered* while ``pending``, ``sending`` or ``dead``
 (:func:`undelivered`, the one definition: retention keeps such a study).
 
+Several nodes on one database (PostgreSQL): every move is a compare-and-set on the row's
+state, so a delivery is taken by one sender only. ``mark_sending`` records the sender
+(``claimed_by``) and a lease (``next_attempt_at`` = the end of the time one C-STORE may
+take): until it ends no other node treats the delivery as left in doubt; after it (that
+node died mid-C-STORE), :meth:`DeliveryQueue.claim_in_flight` lets exactly one node take
+it over, asking the destination first. A restarting node settles its own at once
+(:meth:`DeliveryQueue.release_in_flight`).
+
 Every write is one short transaction under the database's write lock
 (:meth:`storage.database.Database.write`); the SQL is portable (SQLite and
 PostgreSQL).
@@ -195,10 +203,11 @@ class DeliveryQueue:
                       items=tuple(sorted(v, key=_sort_key))) for k, v in groups.items()]
 
     def in_flight(self, now: dt.datetime | None = None) -> list[Item]:
-        """Deliveries in state ``sending``: a crash or a lost response left them with an unknown outcome.
+        """Deliveries in state ``sending``: a crash or a lost response left them with an unknown outcome,
+        or a sender has one on the wire.
 
         With ``now``, only those whose next attempt is due (an unreachable destination is asked again
-        after the backoff delay).
+        after the backoff delay; a delivery on the wire is due when its sender's lease has ended).
         """
         q = _items_query().where(Delivery.state == SENDING)
         if now is not None:
@@ -207,16 +216,54 @@ class DeliveryQueue:
             rows = s.execute(q.order_by(Delivery.study_id, Delivery.destination, Delivery.id)).all()
         return sorted((_item(r) for r in rows), key=lambda i: (i.study_id, i.destination, _sort_key(i)))
 
+    def claim_in_flight(self, owner: str, lease_seconds: float, now: dt.datetime | None = None) -> list[Item]:
+        """The due ``sending`` deliveries (:meth:`in_flight` with ``now``) that this sender takes to settle:
+        each is taken with a compare-and-set that extends its lease, so that of several nodes on one
+        database exactly one asks the destination about it; the others skip it."""
+        now = now or utcnow()
+        until = now + dt.timedelta(seconds=lease_seconds)
+        taken = []
+        for it in self.in_flight(now=now):
+            with self.db.write() as s:
+                res = cast(CursorResult, s.execute(
+                    update(Delivery).where(Delivery.id == it.delivery_id, Delivery.state == SENDING,
+                                           Delivery.next_attempt_at <= now)
+                    .values(claimed_by=owner, next_attempt_at=until)))
+            if res.rowcount:
+                taken.append(it)
+        return taken
+
+    def release_in_flight(self, owner: str, now: dt.datetime | None = None) -> int:
+        """At a sender's start: its own ``sending`` deliveries (left by its previous run, which is over)
+        are due now, to be settled at once instead of when their lease ends. Returns how many."""
+        now = now or utcnow()
+        with self.db.write() as s:
+            res = cast(CursorResult, s.execute(
+                update(Delivery).where(Delivery.state == SENDING, Delivery.claimed_by == owner,
+                                       Delivery.next_attempt_at > now)
+                .values(next_attempt_at=now)))
+            return res.rowcount
+
     # -- recording outcomes ----------------------------------------------------
-    def mark_sending(self, ids: Iterable[int]) -> list[int]:
+    def mark_sending(self, ids: Iterable[int], owner: str | None = None, lease_seconds: float = 0.0,
+                     now: dt.datetime | None = None) -> list[int]:
         """pending -> sending, committed before the C-STORE goes out. Returns the ids that moved
-        (a delivery cancelled or taken meanwhile is not sent)."""
+        (a delivery cancelled or taken meanwhile, by this sender or another node's, is not sent).
+
+        ``owner`` and ``lease_seconds``: the sender taking it, and how long it is that sender's (longer
+        than one C-STORE may take): until then no other node settles it as left in doubt."""
         ids = list(ids)
+        now = now or utcnow()
+        values: dict = {"state": SENDING}
+        if owner is not None:
+            values["claimed_by"] = owner
+        if lease_seconds > 0:
+            values["next_attempt_at"] = now + dt.timedelta(seconds=lease_seconds)
         moved = []
         with self.db.write() as s:
             for i in ids:
                 res = cast(CursorResult, s.execute(update(Delivery).where(Delivery.id == i, Delivery.state == PENDING)
-                                                   .values(state=SENDING)))
+                                                   .values(**values)))
                 if res.rowcount:
                     moved.append(i)
         return moved

@@ -186,3 +186,6 @@ class Delivery(Base):
     last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # the sender that put it in 'sending' (node identity): a node gives back only its own at restart;
+    # another node's are taken over once next_attempt_at (the lease's end) has passed
+    claimed_by: Mapped[str | None] = mapped_column(String(200), nullable=True)

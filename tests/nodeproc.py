@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from tests.peers import free_port, stop_process, wait_for_port, wait_until
+from tests.postgres import database_url
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,7 +23,7 @@ def node_config(workdir: Path, *, port: int | None = None, quiet_seconds: float 
         "node": {"ae_title": "MSKNODE", "bind": "127.0.0.1", "port": port or free_port(), "max_associations": 16},
         "peers": peers if peers is not None else [{"ae_title": "STORESCU", "host": "127.0.0.1"},
                                                   {"ae_title": "PYNETDICOM"}],
-        "storage": {"path": str(workdir / "var"), "database_url": f"sqlite:///{workdir / 'var' / 'index.sqlite'}",
+        "storage": {"path": str(workdir / "var"), "database_url": database_url(workdir),
                     "min_free_mb": min_free_mb},
         "study": {"quiet_seconds": quiet_seconds},
         # receive-side tests run without the model; pipeline tests pass pipeline={"enabled": True, ...}

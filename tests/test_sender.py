@@ -34,6 +34,7 @@ from storage.models import Delivery, Patient, ResultObject, Study, utcnow
 from tests.counting_scp import CountingSCP, CountingSCPProcess
 from tests.dicomgen import code_item
 from tests.peers import Orthanc, Storescp, free_port, wait_until
+from tests.postgres import database_url
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = {"base_delay_seconds": 0.2, "multiplier": 2.0, "max_delay_seconds": 1.0, "max_attempts": 10,
@@ -49,7 +50,7 @@ class Rig:
         self.raw = {"node": {"ae_title": "MSKNODE", "bind": "127.0.0.1", "port": free_port()},
                     "peers": peers,
                     "storage": {"path": str(workdir / "var"),
-                                "database_url": f"sqlite:///{workdir / 'var' / 'index.sqlite'}", "min_free_mb": 0},
+                                "database_url": database_url(workdir), "min_free_mb": 0},
                     "sending": {**FAST, **(sending or {})}}
         self.config_path = workdir / "config.yaml"
         workdir.mkdir(parents=True, exist_ok=True)

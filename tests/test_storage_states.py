@@ -1,5 +1,5 @@
 """The study state machine (storage.states) and the storage API that moves studies through it,
-on a real SQLite index."""
+on a real SQLite index and on a real PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -17,14 +17,16 @@ from storage.errors import StorageError
 from storage.index import Index, InstanceMeta
 from storage.jobs import Jobs, NewResult
 from storage.models import Patient, Study, StudyState, utcnow
+from tests.postgres import BACKENDS, database_url
 
 REPO = Path(__file__).resolve().parent.parent
 ALL = list(StudyState)
 
 
-@pytest.fixture
-def index(tmp_path):
-    idx = Index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+@pytest.fixture(params=BACKENDS)
+def index(tmp_path, request):
+    """The index on SQLite and on PostgreSQL (a private server: tests/postgres.py)."""
+    idx = Index(database_url(tmp_path, request.param))
     yield idx
     idx.close()
 
@@ -220,3 +222,62 @@ def test_a_study_walks_its_life_through_the_storage_api(index):
     assert jobs.delete_study(sid) and _study(index, sid) is None
     with index.Session() as s:
         assert s.scalars(select(Study.state)).all() == ["stable"]
+
+
+def _study_with_results(index: Index, uid: str, destinations=("ARCHIVE",)) -> int:
+    """A study whose results (one SR) wait for delivery, through the storage API."""
+    t = utcnow()
+    out = index.record_instance(_meta(uid, f"{uid}.1.1", 1), f"{uid}.dcm", 10, "PACS", 0, now=t)
+    index.mark_stable_if_due(out.study_id, now=t + dt.timedelta(seconds=1))
+    jobs = Jobs(index)
+    claim = jobs.claim("hostA/11112:1:w0", 600)
+    assert jobs.finish(claim, 1, [NewResult("sr", f"{uid}.9.1", "1.2.840.10008.5.1.4.1.1.88.11", f"{uid}.9",
+                                            "1.2.840.10008.1.2.1", f"results/{uid}.dcm", 5, destinations)])
+    return out.study_id
+
+
+def test_two_nodes_share_the_send_queue_each_delivery_taken_once(index):
+    """Issue 18: two senders on one database (two nodes). A delivery on the wire is its sender's
+    until the lease ends; then exactly one other node takes it over; a restarting node settles its
+    own at once. Study claims of one node are never given back by another node's restart."""
+    other = Index(index.url)  # the second node: its own connections to the same database
+    a, b = DeliveryQueue(index), DeliveryQueue(other)
+    _study_with_results(index, "1.2.18")
+    t = utcnow()
+    [batch] = a.due(now=t + dt.timedelta(seconds=1))
+    assert a.mark_sending(batch.ids, "hostA/11112:sender", 90, now=t) == batch.ids
+    assert b.mark_sending(batch.ids, "hostB/11112:sender", 90, now=t) == [], "taken once"
+    # node A is on the wire: node B leaves it alone for the lease
+    assert b.claim_in_flight("hostB/11112:sender", 90, now=t + dt.timedelta(seconds=60)) == []
+    # node A died: after the lease, exactly one node takes it over (the other finds it taken)
+    after = t + dt.timedelta(seconds=91)
+    taken_b = b.claim_in_flight("hostB/11112:sender", 90, now=after)
+    taken_c = a.claim_in_flight("hostC/11112:sender", 90, now=after)
+    assert [i.delivery_id for i in taken_b] == batch.ids and taken_c == []
+    # node B's own lease now runs; had node B restarted, it would settle it at once
+    assert b.claim_in_flight("hostC/11112:sender", 90, now=after + dt.timedelta(seconds=30)) == []
+    assert a.release_in_flight("hostA/11112:sender", now=after) == 0, "not A's any more"
+    assert b.release_in_flight("hostB/11112:sender", now=after) == 1
+    assert [i.delivery_id for i in b.claim_in_flight("hostB/11112:sender", 90, now=after)] == batch.ids
+    b.mark_sent(batch.ids[0])
+    assert _study(index, batch.study_id).state == "sent"
+    other.close()
+
+
+def test_a_node_gives_back_only_its_own_study_claims(index):
+    jobs = Jobs(index)
+    t = utcnow()
+    for uid in ("1.2.19", "1.2.20"):
+        out = index.record_instance(_meta(uid, f"{uid}.1.1", 1), f"{uid}.dcm", 10, "PACS", 0, now=t)
+        index.mark_stable_if_due(out.study_id, now=t + dt.timedelta(seconds=1))
+    assert jobs.claim("host/11112:100:0", 600) is not None
+    assert jobs.claim("host/11113:200:0", 600) is not None
+    # the node on port 11113 restarts on the same host: the other node's claim stays
+    assert jobs.release_claims("host/11113:") == 1
+    states_now = sorted(_study(index, s.id).state for s in _all_studies(index))
+    assert states_now == ["inferring", "stable"]
+
+
+def _all_studies(index: Index) -> list[Study]:
+    with index.Session() as s:
+        return list(s.scalars(select(Study)))
