@@ -57,6 +57,11 @@ class InferCommand:
                  decode_workers: int = DEFAULT_DECODE_WORKERS):
         self.model = model
         self.decode_workers = decode_workers
+        import torch
+
+        from inference.reduced import set_decoder_threads
+
+        set_decoder_threads(torch.get_num_threads())  # one JPEG 2000 image decoded with the model's threads
         self.out = out
         self.routing = routing
         self.batch_size = batch_size

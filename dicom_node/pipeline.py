@@ -245,7 +245,11 @@ def worker_main(cfg: Config, n: int, control, done, parent_pid: int | None = Non
         os.nice(cfg.pipeline.nice)
     import torch
 
-    torch.set_num_threads(cfg.pipeline.threads or max(1, (os.cpu_count() or 2) - 1))
+    threads = cfg.pipeline.threads or max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(threads)
+    from inference.reduced import set_decoder_threads
+
+    set_decoder_threads(threads)  # one JPEG 2000 image decoded with as many threads as the model has
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops its workers through the control pipe
     pipeline = Pipeline(cfg, worker=worker_id(cfg, n))
     if loaded is not None:  # shared with the node: /readyz reports the model loaded

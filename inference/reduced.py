@@ -16,7 +16,11 @@ the modality LUT) of the smallest available level whose long side is still at le
 - a JPEG 2000 codestream whose signedness differs from Pixel Representation: pydicom
   reinterprets such values bit by bit, which is exact only at full resolution (a wavelet average
   of wrapped-around values is not the wrapped-around average);
-- no level small enough to help (level 0), or any failure of the reduced decoder.
+- any failure of the reduced decoder.
+
+A JPEG 2000 image with no level small enough to help is decoded here at level 0 (full size) all
+the same: Pillow's OpenJPEG decodes one image with several threads when ``OPJ_NUM_THREADS`` says
+so (:func:`set_decoder_threads`), where pylibjpeg-openjpeg's build uses one.
 
 Decoding is Pillow's (OpenJPEG 2.5 for JPEG 2000, libjpeg-turbo for JPEG); at level 0 its JPEG 2000
 values equal pylibjpeg-openjpeg's (the test suite checks it on RG1/RG3, 10 and 15 bits).
@@ -132,7 +136,9 @@ def _decode_j2k(ds, cs: bytes, min_long_side: int) -> np.ndarray | None:
     if head is None:
         return None
     level = choose_level(*head.size_at(0), min_long_side, head.levels)
-    return j2k_at_level(ds, cs, head, level) if level else None
+    # level 0 too: Pillow's OpenJPEG decodes one image with several threads (OPJ_NUM_THREADS, see
+    # :func:`set_decoder_threads`), pylibjpeg-openjpeg's with one; the values are the same
+    return j2k_at_level(ds, cs, head, level)
 
 
 def j2k_at_level(ds, cs: bytes, head: J2KHeader, level: int) -> np.ndarray | None:
@@ -192,6 +198,15 @@ def first_frame_at_level(ds, level: int) -> np.ndarray | None:
     return j2k_at_level(ds, cs, head, level)
 
 
+def set_decoder_threads(threads: int) -> None:
+    """Let OpenJPEG decode one JPEG 2000 image with ``threads`` threads (its ``OPJ_NUM_THREADS``, read
+    each time a decoder is made); a value the administrator set in the environment is kept."""
+    import os
+
+    if threads > 1:
+        os.environ.setdefault("OPJ_NUM_THREADS", str(int(threads)))
+
+
 def reduced_frame(ds, min_long_side: int) -> np.ndarray | None:
     """The first frame's stored values decoded at the smallest level whose long side is at least
     ``min_long_side``, or None where no reduced path applies (see the module docstring)."""
@@ -214,5 +229,6 @@ def reduced_frame(ds, min_long_side: int) -> np.ndarray | None:
         return None
 
 
-__all__ = ["J2KHeader", "parse_j2k_header", "choose_level", "reduced_frame", "first_frame_at_level", "J2K_SYNTAXES",
+__all__ = ["J2KHeader", "parse_j2k_header", "choose_level", "reduced_frame", "set_decoder_threads",
+           "first_frame_at_level", "J2K_SYNTAXES",
            "JPEG_DCT_SYNTAXES"]

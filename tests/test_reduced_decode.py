@@ -239,3 +239,12 @@ def test_reduced_values_are_stored_values_before_the_modality_lut(model):
     assert 0 <= stored.min() and stored.max() <= 2 ** int(ds.BitsStored) - 1
     # a wavelet low-pass of the values: the same range, the same mean
     assert abs(float(stored.mean()) - float(full.mean())) < 0.01 * float(full.max())
+
+
+@pytest.mark.parametrize("name", ["RG1_J2KR.dcm", "RG3_J2KR.dcm"])
+def test_a_jpeg_2000_needed_at_full_size_is_decoded_by_the_threaded_decoder_exactly(name):
+    """No level small enough (the capture of a small image): Pillow's OpenJPEG at level 0, which can
+    use several threads (OPJ_NUM_THREADS), gives exactly pydicom's full decode."""
+    ds = pydicom.dcmread(get_testdata_file(name))
+    full = reduced_frame(ds, 100_000)
+    assert full is not None and np.array_equal(full, ds.pixel_array)
