@@ -138,26 +138,30 @@ def test_a_model_change_without_a_migration_is_noticed(tmp_path):
         index.close()
 
 
+def _open_together(url: str, go: Path, n: int = 6) -> None:
+    """``n`` processes open the index at ``url`` at the same moment; each must end at the head revision."""
+    # each process imports everything, says it is ready, then waits for the same starting signal
+    code = ("import os, sys, time; from storage.index import Index; from storage import migrate; "
+            "print('ready', flush=True)\n"
+            "while not os.path.exists(sys.argv[2]): time.sleep(0.001)\n"
+            "i = Index(sys.argv[1]); print(migrate.current(i.db)); i.close()")
+    procs = [subprocess.Popen([sys.executable, "-c", code, url, str(go)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * n, [o[1][-2000:] for o in outs]
+    assert {o[0].strip() for o in outs} == {migrate.head()}, outs
+
+
 @pytest.mark.parametrize("start", ["new", "previous_release"])
 def test_several_processes_opening_the_index_together_upgrade_it_once(tmp_path, start):
     db = tmp_path / "index.sqlite"
     if start == "previous_release":
         _previous_release_db(db)
     before = _rows(db) if db.exists() else None
-    go = tmp_path / "go"
-    # each process imports everything, says it is ready, then waits for the same starting signal
-    code = ("import os, sys, time; from storage.index import Index; from storage import migrate; "
-            "print('ready', flush=True)\n"
-            "while not os.path.exists(sys.argv[2]): time.sleep(0.001)\n"
-            "i = Index(sys.argv[1]); print(migrate.current(i.db)); i.close()")
-    procs = [subprocess.Popen([sys.executable, "-c", code, f"sqlite:///{db}", str(go)], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
-    for p in procs:
-        assert p.stdout.readline().strip() == "ready"
-    go.touch()
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0] * 6, [o[1][-2000:] for o in outs]
-    assert {o[0].strip() for o in outs} == {migrate.head()}, outs
+    _open_together(f"sqlite:///{db}", tmp_path / "go")
     con = sqlite3.connect(db)
     assert con.execute("SELECT version_num FROM alembic_version").fetchall() == [(migrate.head(),)]
     assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
@@ -221,19 +225,7 @@ def test_several_processes_migrate_a_new_postgresql_database_once(tmp_path):
     """Issue 18 item 1: nodes starting together on one PostgreSQL run the migrations once (an
     advisory lock), and the schema is the models' one."""
     url = database_url(tmp_path, "postgresql")
-    go = tmp_path / "go"
-    code = ("import os, sys, time; from storage.index import Index; from storage import migrate; "
-            "print('ready', flush=True)\n"
-            "while not os.path.exists(sys.argv[2]): time.sleep(0.001)\n"
-            "i = Index(sys.argv[1]); print(migrate.current(i.db)); i.close()")
-    procs = [subprocess.Popen([sys.executable, "-c", code, url, str(go)], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
-    for p in procs:
-        assert p.stdout.readline().strip() == "ready"
-    go.touch()
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0] * 6, [o[1][-2000:] for o in outs]
-    assert {o[0].strip() for o in outs} == {migrate.head()}, outs
+    _open_together(url, tmp_path / "go")
     index = Index(url)
     try:
         with index.db.engine.connect() as conn:
