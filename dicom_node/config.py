@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -341,6 +342,12 @@ class Config(_Section):
             if p.ae_title == ae_title.strip():
                 return p
         return None
+
+    def node_identity(self) -> str:
+        """This node among the nodes that share one database: its host name and DICOM port, the same
+        across its restarts. Its workers' study claims and its sender's delivery claims carry it, so that
+        a node gives back only its own claims when it (re)starts, never another node's."""
+        return f"{socket.gethostname()}/{self.node.port}"
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

@@ -24,7 +24,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -46,19 +45,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("dicom_node.pipeline")
 
 
-def node_identity(cfg: Config) -> str:
-    """This node among the nodes that share one database: its host name and DICOM port, the same
-    across its restarts. Its workers' study claims and its sender's delivery claims carry it, so that
-    a node gives back only its own claims when it (re)starts, never another node's."""
-    return f"{socket.gethostname()}/{cfg.node.port}"
-
-
 def worker_id(cfg: Config, n: int = 0) -> str:
-    return f"{node_identity(cfg)}:{os.getpid()}:{n}"
+    return f"{cfg.node_identity()}:{os.getpid()}:{n}"
 
 
 def claim_prefix(cfg: Config) -> str:
-    return f"{node_identity(cfg)}:"
+    return f"{cfg.node_identity()}:"
 
 
 class Pipeline:

@@ -82,11 +82,9 @@ class Sender:
         self._recovered: set[int] = set()  # studies with in-flight deliveries looked at in this pass
         self._scheduler = None
         self._tls: dict[str, tuple[ssl.SSLContext, str] | None] = {}  # destination -> AE.associate tls_args
-        from dicom_node.pipeline import node_identity
-
         # this node's claim on the deliveries it has on the wire, and for how long (more than one
         # C-STORE may take): another node on the same database settles them only after the lease
-        self.owner = f"{node_identity(cfg)}:sender"
+        self.owner = f"{cfg.node_identity()}:sender"
         self.lease_seconds = 2 * cfg.sending.timeout_seconds + 30
 
     # -- lifecycle -------------------------------------------------------------
