@@ -2,17 +2,18 @@
 """``dicom-node infer`` on 4-megapixel JPEG 2000 DICOM against the same images as 256-pixel PNGs, in one run.
 
     .venv/bin/python bench/bench_decode.py [--images 24] [--threads 2] [--decode-workers 2] [--repeats 2]
-                                           [--repo OTHER_CHECKOUT]
+                                           [--heatmap-side 1024] [--repo OTHER_CHECKOUT]
 
 Images: the FracAtlas fixture radiographs (tests/fixtures/fracatlas) enlarged 4x to detector size
 (about 2048 x 1700, 12 bits stored), written as DX in JPEG 2000 lossless into a temporary folder; the
 same images, as displayed, downscaled to 256 pixels on the long side and written as PNG beside them.
 Each folder goes through ``InferCommand.run`` (what ``dicom-node infer --out DIR`` runs after loading the
-model: load, infer, route, encode the study's SR, heatmap and summary captures and presentation states
-for DICOM, render the heatmap PNG, write the JSON), the model loaded once for both; the two alternate,
+model: load, infer, route, render each image's heatmap PNG at ``--heatmap-side`` pixels at most (infer's
+default, 1024), write the JSON), the model loaded once for both; the two alternate,
 ``--repeats`` times, and the best of each is printed in images/s with their ratio (DICOM / PNG).
 Then the time of each step for the DICOM folder (``--decode-workers 0``, one thread): decoding for
-the model and for the captures, the model, and the encoding of the result objects.
+the model and for the captures, the model, the encoding of the result objects the PACS receives, and
+``infer``'s own path (decoded for the PNG's size, the PNGs rendered and written).
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ def make_inputs(folder: Path, n: int) -> tuple[list[Path], list[Path]]:
     return dcm, png
 
 
-def run_infer(model, files: list[Path], out: Path, batch: int, decode_workers: int) -> float:
+def run_infer(model, files: list[Path], out: Path, batch: int, decode_workers: int, heatmap_side: int) -> float:
     out.mkdir(parents=True, exist_ok=True)
     import inspect
 
-    extra = {"decode_workers": decode_workers} if "decode_workers" in inspect.signature(InferCommand).parameters else {}
+    params = inspect.signature(InferCommand).parameters  # an older checkout (--repo) may lack these
+    extra = {k: v for k, v in (("decode_workers", decode_workers), ("heatmap_side", heatmap_side)) if k in params}
     cmd = InferCommand(model, out, routing=RoutingSection(), batch_size=batch, **extra)
     t0 = time.perf_counter()
     docs = cmd.run(files)
@@ -72,8 +74,9 @@ def run_infer(model, files: list[Path], out: Path, batch: int, decode_workers: i
     return dt
 
 
-def steps(model, files: list[Path], batch: int) -> dict[str, float]:
+def steps(model, files: list[Path], batch: int, heatmap_side: int) -> dict[str, float]:
     """Seconds per step over ``files``, in the inference thread (no decoder threads)."""
+    from dicom_node.cli_infer import _save_png
     from dicom_node.decoding import DecoderPool, decode_image
 
     t: dict[str, float] = {}
@@ -103,6 +106,17 @@ def steps(model, files: list[Path], batch: int) -> dict[str, float]:
     for im, r in zip(images, results):  # one study per image, as infer groups these files
         stages.encode([im], [r], model.info, card=model.card)
     t["encode (SR, captures, presentation states)"] = time.perf_counter() - t0
+    images = [stages.load_file(f) for f in files]
+    t0 = time.perf_counter()
+    with DecoderPool(0) as pool:
+        results = stages.infer(model, images, batch, decoder=pool, capture_max_side=heatmap_side)
+    t[f"infer's infer stage (capture decoded for {heatmap_side} px)"] = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        for k, (im, r) in enumerate(zip(images, results)):
+            for pixels in stages.heatmaps_only([im], [r], model.info, max_side=heatmap_side).values():
+                _save_png(pixels, Path(out) / f"{k}.png")
+        t[f"infer's heatmap PNGs ({heatmap_side} px: render, write)"] = time.perf_counter() - t0
     return t
 
 
@@ -113,6 +127,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--heatmap-side", type=int, default=1024, help="infer's --heatmap-side (default: its default)")
     ap.add_argument("--bundle", default=None)
     ap.add_argument("--repo", default=str(REPO), help="the checkout whose code runs (default: this one)")
     args = ap.parse_args()
@@ -123,16 +138,18 @@ def main() -> int:
         dcm, png = make_inputs(folder, args.images)
         shape = Image.open(png[0]).size
         # warm-up: torch, fonts, and highdicom's tables of the standard (read at its first object)
-        run_infer(model, png[:1] + dcm[:1], folder / "warm", args.batch, args.decode_workers)
+        run_infer(model, png[:1] + dcm[:1], folder / "warm", args.batch, args.decode_workers, args.heatmap_side)
         t_dcm, t_png = [], []
         for r in range(args.repeats):
-            t_dcm.append(run_infer(model, dcm, folder / f"out-dcm-{r}", args.batch, args.decode_workers))
-            t_png.append(run_infer(model, png, folder / f"out-png-{r}", args.batch, args.decode_workers))
+            t_dcm.append(run_infer(model, dcm, folder / f"out-dcm-{r}", args.batch, args.decode_workers,
+                                   args.heatmap_side))
+            t_png.append(run_infer(model, png, folder / f"out-png-{r}", args.batch, args.decode_workers,
+                                   args.heatmap_side))
         n = len(dcm)
         print(f"{n} images: DX JPEG 2000 lossless ~2048 px (FracAtlas fixtures enlarged 4x) vs the same as "
               f"{shape[0]}x{shape[1]}-ish PNG; model {model.info.name} {model.info.version}, CPU, "
               f"{torch.get_num_threads()} threads, batch {args.batch}, decode_workers {args.decode_workers}, "
-              f"best of {args.repeats}")
+              f"heatmap PNGs within {args.heatmap_side} px, best of {args.repeats}")
         print(f"infer, JPEG 2000 DICOM:   {n / min(t_dcm):7.2f} images/s")
         print(f"infer, 256-pixel PNG:     {n / min(t_png):7.2f} images/s")
         print(f"ratio DICOM / PNG:        {min(t_png) / min(t_dcm):7.3f}")
@@ -140,7 +157,7 @@ def main() -> int:
         if _repo != str(REPO):
             return 0
         print("steps for the DICOM folder, in one thread (s per image):")
-        for name, sec in steps(model, dcm, args.batch).items():
+        for name, sec in steps(model, dcm, args.batch, args.heatmap_side).items():
             print(f"  {name:<48} {sec / n * 1000:8.1f} ms")
     return 0
 

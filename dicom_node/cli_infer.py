@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dicom_node.sc.enum import MAX_SIDE
+
 if TYPE_CHECKING:
     from inference.results import ImageResult
 
@@ -25,6 +27,9 @@ INPUT_SUFFIXES = {".dcm", ".dicom", ".jpg", ".jpeg", ".png", ""}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_DECODE_WORKERS = 2  # as pipeline.decode_workers
+#: long side of the heatmap PNGs (a preview): half the node's captures, which a 2048-pixel image makes at full size;
+#: a JPEG 2000 or JPEG source is then decoded at half resolution for it (about a quarter of the full decode's time)
+DEFAULT_HEATMAP_SIDE = 1024
 
 
 def collect(paths: list[str]) -> list[Path]:
@@ -54,8 +59,13 @@ class InferCommand:
 
     def __init__(self, model, out: Path, *, routing, batch_size: int, max_pixels: int | None = None,
                  heads: set[str] | None = None, dicom_out: Path | None = None,
-                 decode_workers: int = DEFAULT_DECODE_WORKERS):
+                 decode_workers: int = DEFAULT_DECODE_WORKERS, heatmap_side: int = DEFAULT_HEATMAP_SIDE):
+        from dicom_node.sc import enum as sc_enum
+
+        if not sc_enum.MIN_PANEL_WIDTH <= heatmap_side <= sc_enum.MAX_SIDE:
+            raise ValueError(f"heatmap_side must be {sc_enum.MIN_PANEL_WIDTH}..{sc_enum.MAX_SIDE}")
         self.model = model
+        self.heatmap_side = heatmap_side
         self.decode_workers = decode_workers
         import torch
 
@@ -83,7 +93,10 @@ class InferCommand:
         from dicom_node.decoding import DecoderPool
 
         with DecoderPool(self.decode_workers) as decoder:
-            results = stages.infer(self.model, images, self.batch_size, self.heads, decoder=decoder)
+            # without --dicom-out, decoded for the PNG preview's size; with it, for the captures the PACS would get
+            side = self.heatmap_side if self.dicom_out is None else MAX_SIDE
+            results = stages.infer(self.model, images, self.batch_size, self.heads, decoder=decoder,
+                                   capture_max_side=side)
         routed = stages.route(images, results, self.routing)
         studies: dict[str, list[int]] = {}  # Study Instance UID -> positions in ``dicom``
         for k, im in enumerate(routed.images):
@@ -92,19 +105,37 @@ class InferCommand:
             else:
                 docs[dicom[k]] = self._doc(files, dicom[k], routed.results[k], None)
         for members in studies.values():
+            previews: dict | None = None
             objs = self._encode(files, [dicom[k] for k in members], [routed.images[k] for k in members],
                                 [routed.results[k] for k in members])
             for k in members:
                 im, r = routed.images[k], routed.results[k]
                 if isinstance(objs, dict):  # no --dicom-out: the captures' pixels only
                     pixels = objs.get(str(im.ds.SOPInstanceUID)) if r.processed and im.ds is not None else None
+                elif objs is not None and r.processed and self.heatmap_side >= MAX_SIDE:
+                    pixels = stages.heatmap_pixels(objs, im)  # the capture the PACS would get, as it is
+                elif objs is not None and r.processed and im.ds is not None:
+                    previews = previews if previews is not None else self._previews(routed, members)
+                    pixels = previews.get(str(im.ds.SOPInstanceUID))
                 else:
-                    pixels = stages.heatmap_pixels(objs, im) if objs is not None and r.processed else None
+                    pixels = None
                 if pixels is None and r.processed:
                     pixels = self._render(im.ds, None, r, im.decoded.for_capture() if im.decoded else None)
                 docs[dicom[k]] = self._doc(files, dicom[k], r, pixels)
         self._arrays(files, [i for i, f in enumerate(files) if f.suffix.lower() in IMAGE_SUFFIXES], docs)
         return docs  # type: ignore[return-value]
+
+    def _previews(self, routed, members: list[int]) -> dict:
+        """With --dicom-out and a PNG smaller than the captures: the study's heatmaps rendered again at the
+        PNG's size, from the decodes the captures were made of (empty if they cannot be rendered)."""
+        from dicom_node import stages
+        from dicom_node.errors import EncodingError
+
+        try:
+            return stages.heatmaps_only([routed.images[k] for k in members], [routed.results[k] for k in members],
+                                        self.model.info, max_side=self.heatmap_side)
+        except EncodingError:
+            return {}
 
     def _encode(self, files: list[Path], indices: list[int], images: list, results: list):
         """The encode (and, with ``dicom_out``, write) stage for the loaded images of one study; None when
@@ -127,7 +158,8 @@ class InferCommand:
             return None
         try:
             if self.dicom_out is None:
-                return stages.heatmaps_only([im for im, _ in chosen], [r for _, r in chosen], self.model.info)
+                return stages.heatmaps_only([im for im, _ in chosen], [r for _, r in chosen], self.model.info,
+                                            max_side=self.heatmap_side)
             objs = stages.encode([im for im, _ in chosen], [r for _, r in chosen], self.model.info,
                                  card=self.model.card)
         except EncodingError as exc:
@@ -168,8 +200,8 @@ class InferCommand:
         from dicom_node.results_dicom import capture_display
         from dicom_node.sc.content import render_heatmap
 
-        return render_heatmap(capture_display(ds, decoded).image if ds is not None else image, result,
-                              self.model.info)
+        return render_heatmap(capture_display(ds, decoded, self.heatmap_side).image if ds is not None else image,
+                              result, self.model.info, max_side=self.heatmap_side)
 
     def _doc(self, files: list[Path], i: int, result, pixels) -> dict:
         f = files[i]
@@ -220,7 +252,7 @@ def cmd_infer(args) -> int:
     command = InferCommand(model, out, routing=routing, batch_size=batch_size, max_pixels=max_pixels,
                            heads=set(args.heads.split(",")) if args.heads else None,
                            dicom_out=Path(args.dicom_out) if args.dicom_out else None,
-                           decode_workers=decode_workers)
+                           decode_workers=decode_workers, heatmap_side=args.heatmap_side)
     summary = command.run(files)
     if not args.json:
         for i, f in enumerate(files):
@@ -261,13 +293,24 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _heatmap_side(text: str) -> int:
+    import argparse
+
+    from dicom_node.sc import enum as sc_enum
+
+    value = _non_negative(text)
+    if not sc_enum.MIN_PANEL_WIDTH <= value <= sc_enum.MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"must be {sc_enum.MIN_PANEL_WIDTH}..{sc_enum.MAX_SIDE}")
+    return value
+
+
 def register(sub) -> None:
     """Add ``infer`` to the ``dicom-node`` subcommands."""
     p = sub.add_parser("infer", help="run the model on DICOM (or JPEG/PNG) files: JSON findings + heatmap PNGs",
                        description="Runs the node's stages on files: the SOP class and modality filter, the model, "
                                    "routing (the default rule, or the rules of --config FILE given before the "
                                    "command) and the DICOM encoding. The heatmap PNG of an image is the heatmap "
-                                   "secondary capture the PACS would receive.")
+                                   "secondary capture the PACS would receive, at --heatmap-side pixels at most.")
     p.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--bundle", default=None, help="model bundle (default: the shipped model)")
@@ -282,6 +325,9 @@ def register(sub) -> None:
     p.add_argument("--decode-workers", type=_non_negative, default=None, metavar="N",
                    help=f"decoder threads decoding the next batch while the model reads one, 0: none (default: "
                         f"pipeline.decode_workers of --config, else {DEFAULT_DECODE_WORKERS})")
+    p.add_argument("--heatmap-side", type=_heatmap_side, default=DEFAULT_HEATMAP_SIDE, metavar="PIXELS",
+                   help=f"long side of the heatmap PNGs at most, 768..2048 (default {DEFAULT_HEATMAP_SIDE}; 2048: the "
+                        f"captures the PACS would receive, pixel for pixel, which costs a full decode of each image)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_infer)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from dicom_node.sc.content import capture_side
+from dicom_node.sc.enum import MAX_SIDE
 from inference.errors import ImageNotProcessable
 from inference.pixels import Displayed, displayed
 
@@ -50,10 +51,10 @@ class Decoded:
         return self.model if isinstance(self.model, Displayed) else None
 
 
-def decode_image(ds, model_side: int | None, capture: bool = True) -> Decoded:
+def decode_image(ds, model_side: int | None, capture: bool = True, capture_max_side: int = MAX_SIDE) -> Decoded:
     """Decode ``ds`` for the model (``model_side``: its input size, None: in full) and, with ``capture``,
-    for its heatmap capture when the model's decode is too small for it. Never raises
-    :class:`ImageNotProcessable`: it is returned."""
+    for its heatmap capture (long side at most ``capture_max_side``) when the model's decode is too small
+    for it. Never raises :class:`ImageNotProcessable`: it is returned."""
     try:
         shown = displayed(ds, model_side)
     except ImageNotProcessable as exc:
@@ -61,10 +62,11 @@ def decode_image(ds, model_side: int | None, capture: bool = True) -> Decoded:
     if not capture:
         return Decoded(shown)
     rows, columns = int(ds.Rows), int(ds.Columns)
-    if shown.image.shape == (rows, columns) or max(shown.image.shape) >= capture_side(rows, columns):
+    need = capture_side(rows, columns, capture_max_side)
+    if shown.image.shape == (rows, columns) or max(shown.image.shape) >= need:
         return Decoded(shown)
     try:
-        return Decoded(shown, displayed(ds, capture_side(rows, columns)))
+        return Decoded(shown, displayed(ds, need))
     except ImageNotProcessable:  # the encode stage says so if the image is processed
         return Decoded(shown)
 

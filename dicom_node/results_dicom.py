@@ -27,6 +27,7 @@ from dicom_node.identity import ResultIdentity
 from dicom_node.pr.sop import build_gsps, presentable
 from dicom_node.result_series import created_now
 from dicom_node.sc import content as sc_content
+from dicom_node.sc import enum as sc_enum
 from dicom_node.sc.sop import build_sc
 from dicom_node.sr.sop import build_sr
 from inference.pixels import Displayed
@@ -204,9 +205,9 @@ def build_result_objects(source_datasets: Sequence[Dataset], results: Sequence[I
 
 
 def _heatmaps(sources: Sequence[Dataset], results: Sequence[ImageResult], model: ModelInfo,
-              displays: Mapping[str, Displayed] | None, labels: Sequence[str]):
+              displays: Mapping[str, Displayed] | None, labels: Sequence[str], max_side: int = sc_enum.MAX_SIDE):
     """(dataset, result, the decode shown, the heatmap capture's pixels) of each processed image of a study,
-    in order (``sources`` and ``results`` aligned)."""
+    in order (``sources`` and ``results`` aligned); the captures' long side at most ``max_side``."""
     for number, (ds, result) in enumerate(zip(sources, results), 1):
         if not result.processed:
             continue
@@ -214,35 +215,39 @@ def _heatmaps(sources: Sequence[Dataset], results: Sequence[ImageResult], model:
             raise EncodingError(f"result for image {number} is {result.columns}x{result.rows}, "
                                 f"the image is {ds.Columns}x{ds.Rows}")
         try:
-            shown = capture_display(ds, (displays or {}).get(str(ds.SOPInstanceUID)))
+            shown = capture_display(ds, (displays or {}).get(str(ds.SOPInstanceUID)), max_side)
         except ImageNotProcessable as exc:
             raise EncodingError(f"image {number} was processed but cannot be displayed: {exc.reason}") from exc
         pixels = sc_content.render_heatmap(shown.image, result, model,
-                                           title=f"image {number} of {len(sources)} ({labels[number - 1]})")
+                                           title=f"image {number} of {len(sources)} ({labels[number - 1]})",
+                                           max_side=max_side)
         yield ds, result, shown, pixels
 
 
 def render_heatmaps(source_datasets: Sequence[Dataset], results: Sequence[ImageResult], model: ModelInfo, *,
-                    displays: Mapping[str, Displayed] | None = None) -> dict[str, np.ndarray]:
+                    displays: Mapping[str, Displayed] | None = None, max_side: int = sc_enum.MAX_SIDE
+                    ) -> dict[str, np.ndarray]:
     """The pixels of the heatmap captures :func:`build_result_objects` would make for this study (by source
-    SOP Instance UID), without building any object: ``dicom-node infer`` without ``--dicom-out``.
+    SOP Instance UID), without building any object: ``dicom-node infer``'s heatmap PNGs. ``max_side``: their
+    long side at most (MAX_SIDE: the captures themselves; less: a preview, rendered from a smaller decode).
     Raises :class:`EncodingError`."""
     pairs = align(source_datasets, results)
     sources = [p[0] for p in pairs]
     _check_one_study(sources)
     labels = [image_label(ds) for ds in sources]
     return {str(ds.SOPInstanceUID): pixels
-            for ds, _, _, pixels in _heatmaps(sources, [p[1] for p in pairs], model, displays, labels)}
+            for ds, _, _, pixels in _heatmaps(sources, [p[1] for p in pairs], model, displays, labels, max_side)}
 
 
-def capture_display(ds: Dataset, decoded: Displayed | None = None) -> Displayed:
-    """The image of ``ds`` as its heatmap capture and presentation state show it: ``decoded`` when it is the
-    full image or a reduced decode at least as large as the capture needs, else one decode at the smallest
-    resolution that gives the capture its size. Raises :class:`~inference.errors.ImageNotProcessable`."""
+def capture_display(ds: Dataset, decoded: Displayed | None = None, max_side: int = sc_enum.MAX_SIDE) -> Displayed:
+    """The image of ``ds`` as its heatmap capture (long side at most ``max_side``) and presentation state show
+    it: ``decoded`` when it is the full image or a reduced decode at least as large as the capture needs, else
+    one decode at the smallest resolution that gives the capture its size.
+    Raises :class:`~inference.errors.ImageNotProcessable`."""
     from inference.pixels import displayed
 
     rows, columns = int(ds.Rows), int(ds.Columns)
-    need = sc_content.capture_side(rows, columns)
+    need = sc_content.capture_side(rows, columns, max_side)
     if decoded is not None and (decoded.image.shape == (rows, columns) or max(decoded.image.shape) >= need):
         return decoded
     return displayed(ds, need)

@@ -47,6 +47,7 @@ from dicom_node.results_dicom import (
 )
 from dicom_node.routing import ImageFacts, apply_heads, destinations
 from dicom_node.routing import route as route_rule
+from dicom_node.sc.enum import MAX_SIDE
 from dicom_node.sop import STORAGE_SOP_CLASSES
 from inference.pixels import Displayed
 from inference.results import ImageResult, ModelInfo
@@ -167,15 +168,17 @@ def load_file(path: Path | str, image_id: str | None = None, max_pixels: int | N
 
 # -- infer -----------------------------------------------------------------------------------------------
 def infer(model, images: Sequence[LoadedImage], batch_size: int, heads: set[str] | None = None,
-          decoder: DecoderPool | None = None, captures: bool = True) -> list[ImageResult]:
+          decoder: DecoderPool | None = None, captures: bool = True, capture_max_side: int = MAX_SIDE
+          ) -> list[ImageResult]:
     """One result per image, parallel to ``images``; an image that cannot be processed gets a
     not-processed result with its reason. The model sees at most ``batch_size`` images at a time
     (``pipeline.batch_size``: the images of one forward pass); ``decoder`` (``pipeline.decode_workers``
     threads; None: the calling thread) decodes the next batch while the model reads one.
 
     Each image is decoded at the smallest resolution that gives the model its input and, with
-    ``captures``, its heatmap capture its size (:func:`dicom_node.decoding.decode_image`); the decode is
-    kept on the image (``LoadedImage.decoded``), for the encode stage to render from."""
+    ``captures``, its heatmap capture its size (long side at most ``capture_max_side``: MAX_SIDE for the
+    captures the node sends, less for ``dicom-node infer``'s PNG preview) (:func:`dicom_node.decoding.decode_image`);
+    the decode is kept on the image (``LoadedImage.decoded``), for the encode stage to render from."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     results: list[ImageResult | None] = [None] * len(images)
@@ -189,7 +192,7 @@ def infer(model, images: Sequence[LoadedImage], batch_size: int, heads: set[str]
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
 
     def decode(i: int) -> Decoded:
-        return decode_image(images[i].ds, side, captures)
+        return decode_image(images[i].ds, side, captures, capture_max_side)
 
     pool = decoder if decoder is not None else DecoderPool(0)
     for batch, decoded in zip(batches, pool.batches(decode, batches)):
@@ -286,13 +289,14 @@ def _study_pairs(images: Sequence[LoadedImage], results: Sequence[ImageResult]
     return [pairs[i] for i in keep], displays
 
 
-def heatmaps_only(images: Sequence[LoadedImage], results: Sequence[ImageResult], model: ModelInfo
-                  ) -> dict[str, np.ndarray]:
-    """The pixels of the heatmap captures :func:`encode` would make (by SOP Instance UID), without building the
-    SR, the captures as DICOM or the presentation states (``dicom-node infer`` without ``--dicom-out``).
-    Raises :class:`~dicom_node.errors.EncodingError`."""
+def heatmaps_only(images: Sequence[LoadedImage], results: Sequence[ImageResult], model: ModelInfo,
+                  max_side: int = MAX_SIDE) -> dict[str, np.ndarray]:
+    """The pixels of the heatmap captures :func:`encode` would make (by SOP Instance UID), their long side at
+    most ``max_side``, without building the SR, the captures as DICOM or the presentation states
+    (``dicom-node infer``'s PNGs). Raises :class:`~dicom_node.errors.EncodingError`."""
     pairs, displays = _study_pairs(images, results)
-    return render_heatmaps([d for d, _ in pairs], [r for _, r in pairs], model, displays=displays)
+    return render_heatmaps([d for d, _ in pairs], [r for _, r in pairs], model, displays=displays,
+                           max_side=max_side)
 
 
 def encode(images: Sequence[LoadedImage], results: Sequence[ImageResult], model: ModelInfo, *, card=None,

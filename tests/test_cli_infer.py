@@ -50,9 +50,10 @@ def test_infer_writes_json_and_heatmaps(tmp_path):
         on_disk = json.loads((out / d["json"]).read_text())
         assert on_disk["findings"] == d["findings"]
         png = Image.open(out / d["heatmap_png"])
-        # the heatmap PNG is the heatmap secondary capture: the image above, the burned-in panel below
-        assert png.mode == "RGB" and max(png.size) <= MAX_SIDE
-        lay = next(lay for n in range(3, 12) if (lay := layout(ds.Rows, ds.Columns, n)) and
+        # the heatmap PNG is the heatmap secondary capture (within 1024 pixels by default): the image above, the
+        # burned-in panel below
+        assert png.mode == "RGB" and max(png.size) <= 1024 < MAX_SIDE
+        lay = next(lay for n in range(3, 12) if (lay := layout(ds.Rows, ds.Columns, n, 1024)) and
                    (lay.canvas_width, lay.height) == png.size)
         # its image part keeps the source's aspect ratio
         assert abs(lay.width / lay.image_height - ds.Columns / ds.Rows) < 0.01
@@ -102,9 +103,11 @@ def test_model_commands_are_registered():
 
 
 def test_infer_heatmap_png_is_the_capture_the_pacs_receives(tmp_path):
-    """One blend: the PNG of an image is the pixel data of the heatmap SC written with --dicom-out."""
+    """One blend: at --heatmap-side 2048 the PNG of an image is the pixel data of the heatmap SC written with
+    --dicom-out."""
     out, dicom_out = tmp_path / "out", tmp_path / "dicom"
-    p = run("infer", get_testdata_file("RG3_J2KR.dcm"), "--out", out, "--dicom-out", dicom_out, "--json", check_rc=0)
+    p = run("infer", get_testdata_file("RG3_J2KR.dcm"), "--out", out, "--dicom-out", dicom_out, "--json",
+            "--heatmap-side", "2048", check_rc=0)
     (doc,) = json.loads(p.stdout)
     (heatmap,) = dicom_out.rglob("heatmap_*.dcm")
     sc = pydicom.dcmread(heatmap)
@@ -114,14 +117,14 @@ def test_infer_heatmap_png_is_the_capture_the_pacs_receives(tmp_path):
 
 
 def test_infer_without_dicom_out_renders_the_same_capture(tmp_path):
-    """Without --dicom-out no result object is built, yet the heatmap PNG is the same pixels as the capture
-    written with it (and the decoder threads change nothing: --decode-workers 0 against 3)."""
+    """Without --dicom-out no result object is built, yet the heatmap PNG at --heatmap-side 2048 is the same
+    pixels as the capture written with it (and the decoder threads change nothing: --decode-workers 0 against 3)."""
     with_objects, without = tmp_path / "with", tmp_path / "without"
     p = run("infer", get_testdata_file("RG3_J2KI.dcm"), "--out", with_objects, "--dicom-out", tmp_path / "dicom",
-            "--json", "--decode-workers", "0", check_rc=0)
+            "--json", "--decode-workers", "0", "--heatmap-side", "2048", check_rc=0)
     (a,) = json.loads(p.stdout)
     q = run("infer", get_testdata_file("RG3_J2KI.dcm"), "--out", without, "--json", "--decode-workers", "3",
-            check_rc=0)
+            "--heatmap-side", "2048", check_rc=0)
     (b,) = json.loads(q.stdout)
     (heatmap,) = (tmp_path / "dicom").rglob("heatmap_*.dcm")
     png = np.asarray(Image.open(without / b["heatmap_png"]))
@@ -130,6 +133,31 @@ def test_infer_without_dicom_out_renders_the_same_capture(tmp_path):
     assert {k: v for k, v in a.items() if k not in ("json", "heatmap_png", "fracture_heatmap_png")} == \
         {k: v for k, v in b.items() if k not in ("json", "heatmap_png", "fracture_heatmap_png")}
     run("infer", get_testdata_file("RG3_J2KI.dcm"), "--out", tmp_path / "x", "--decode-workers", "-1", check_rc=2)
+
+
+def test_infer_heatmap_png_is_a_preview_of_the_capture_by_default(tmp_path):
+    """By default the heatmap PNG is the capture laid out again within 1024 pixels, from a half-resolution decode
+    of the JPEG 2000 source (without --dicom-out) or from the capture's decode (with it): the same picture, text
+    and boxes as the capture at half its size, with or without --dicom-out; the findings are the same."""
+    src = get_testdata_file("RG3_J2KR.dcm")  # 1760 x 1760: the capture is 2048 pixels high
+    q = run("infer", src, "--out", tmp_path / "without", "--json", check_rc=0)
+    (b,) = json.loads(q.stdout)
+    p = run("infer", src, "--out", tmp_path / "with", "--dicom-out", tmp_path / "dicom", "--json", check_rc=0)
+    (a,) = json.loads(p.stdout)
+    preview = np.asarray(Image.open(tmp_path / "without" / b["heatmap_png"])).astype(np.int16)
+    from_capture_decode = np.asarray(Image.open(tmp_path / "with" / a["heatmap_png"])).astype(np.int16)
+    (heatmap,) = (tmp_path / "dicom").rglob("heatmap_*.dcm")
+    capture = pydicom.dcmread(heatmap).pixel_array
+    assert max(preview.shape[:2]) <= 1024 < max(capture.shape[:2])
+    assert preview.shape == from_capture_decode.shape
+    # the two decodes (a wavelet level against the area-downscaled full image) differ by a grey level or two
+    assert np.abs(preview - from_capture_decode).mean() < 2.0
+    half = np.asarray(Image.fromarray(capture).resize(preview.shape[1::-1], Image.Resampling.BOX)).astype(np.int16)
+    image_rows = preview.shape[0] * 3 // 4  # the radiograph and its map; the text panel is below
+    assert np.abs(preview[:image_rows] - half[:image_rows]).mean() < 6.0
+    assert {k: v for k, v in a.items() if k not in ("json", "heatmap_png", "fracture_heatmap_png")} == \
+        {k: v for k, v in b.items() if k not in ("json", "heatmap_png", "fracture_heatmap_png")}
+    run("infer", src, "--out", tmp_path / "x", "--heatmap-side", "4096", check_rc=2)
 
 
 def test_infer_applies_the_modality_filter_of_the_node(tmp_path):

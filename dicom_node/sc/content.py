@@ -121,6 +121,7 @@ class Layout:
     image_height: int
     panel_height: int
     font_size: int
+    max_side: int = enum.MAX_SIDE
 
     @property
     def height(self) -> int:
@@ -129,7 +130,7 @@ class Layout:
     @property
     def canvas_width(self) -> int:
         """At least MIN_PANEL_WIDTH so that the text fits beside a very narrow image."""
-        return min(enum.MAX_SIDE, max(self.width, enum.MIN_PANEL_WIDTH))
+        return min(self.max_side, max(self.width, enum.MIN_PANEL_WIDTH))
 
 
 def _panel_height(font_size: int, n_text_lines: int) -> int:
@@ -137,22 +138,27 @@ def _panel_height(font_size: int, n_text_lines: int) -> int:
     return line * n_text_lines + int(font_size * 3.8) + font_size  # text, two legend rows, margins
 
 
-def layout(rows: int, columns: int, n_text_lines: int = 3) -> Layout:
-    """Scale of the image and size of the panel so that the long side is within MIN_SIDE..MAX_SIDE."""
+def layout(rows: int, columns: int, n_text_lines: int = 3, max_side: int = enum.MAX_SIDE) -> Layout:
+    """Scale of the image and size of the panel so that the long side is within MIN_SIDE..``max_side``
+    (MAX_SIDE for the captures the node sends; less for a preview, e.g. ``dicom-node infer``'s PNG)."""
+    if not enum.MIN_PANEL_WIDTH <= max_side <= enum.MAX_SIDE:
+        raise EncodingError(f"a capture's long side must be {enum.MIN_PANEL_WIDTH}..{enum.MAX_SIDE} pixels, "
+                            f"not {max_side}")
+    min_side = min(enum.MIN_SIDE, max_side)
     long_side = max(rows, columns)
-    scale = min(1.0, enum.MAX_SIDE / long_side)
-    if long_side * scale < enum.MIN_SIDE:
-        scale = enum.MIN_SIDE / long_side
+    scale = min(1.0, max_side / long_side)
+    if long_side * scale < min_side:
+        scale = min_side / long_side
     for _ in range(20):
         width = max(1, int(round(columns * scale)))
         image_height = max(1, int(round(rows * scale)))
         font_size = int(np.clip(max(width, image_height) / 55, 14, 34))
         panel = _panel_height(font_size, n_text_lines)
-        if max(width, image_height + panel) <= enum.MAX_SIDE:
-            return Layout(scale, width, image_height, panel, font_size)
-        # too tall with the panel: fit image + panel into MAX_SIDE (the font, hence the panel, follows)
-        scale = min(scale * 0.995, (enum.MAX_SIDE - panel) / float(rows))
-    raise EncodingError(f"cannot lay out a {columns}x{rows} image within {enum.MAX_SIDE} pixels")
+        if max(width, image_height + panel) <= max_side:
+            return Layout(scale, width, image_height, panel, font_size, max_side)
+        # too tall with the panel: fit image + panel into max_side (the font, hence the panel, follows)
+        scale = min(scale * 0.995, (max_side - panel) / float(rows))
+    raise EncodingError(f"cannot lay out a {columns}x{rows} image within {max_side} pixels")
 
 
 # -- heatmap ---------------------------------------------------------------------------------------------
@@ -187,19 +193,20 @@ def blend(display: np.ndarray, heat: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def heatmap_layout(result: ImageResult, model: ModelInfo, title: str = "") -> tuple[Layout, list[str]]:
+def heatmap_layout(result: ImageResult, model: ModelInfo, title: str = "", max_side: int = enum.MAX_SIDE
+                   ) -> tuple[Layout, list[str]]:
     """Layout of a heatmap and its burned-in text lines: the use statement, model name and version (and
-    ``title``), then the findings line wrapped to the width."""
+    ``title``), then the findings line wrapped to the width; the long side at most ``max_side``."""
     probe = ImageDraw.Draw(Image.new("RGB", (8, 8)))
     head = [use_statement(model), f"{model.name} {model.version}" + (f"   {title}" if title else "")]
     n = len(head) + 1
     for _ in range(4):  # the panel's height changes the scale, which changes the wrapping
-        lay = layout(result.rows, result.columns, n)
+        lay = layout(result.rows, result.columns, n, max_side)
         body = _wrap(probe, findings_line(result), font(lay.font_size), lay.canvas_width - 2 * lay.font_size)
         if len(head) + len(body) == n:
             break
         n = len(head) + len(body)
-    lay = layout(result.rows, result.columns, len(head) + len(body))
+    lay = layout(result.rows, result.columns, len(head) + len(body), max_side)
     return lay, head + body
 
 
@@ -207,11 +214,12 @@ def use_statement(model: ModelInfo) -> str:
     return "AI RESULT" if model.for_diagnostic_use else enum.NOT_FOR_DIAGNOSTIC_USE
 
 
-def capture_side(rows: int, columns: int) -> int:
+def capture_side(rows: int, columns: int, max_side: int = enum.MAX_SIDE) -> int:
     """The most pixels the image part of a heatmap capture of a ``columns`` x ``rows`` image has on its long
-    side (the layout with the fewest text lines): a reduced-resolution decode whose long side is at least
-    this is all the capture needs (:func:`inference.pixels.displayed` with ``min_long_side``)."""
-    lay = layout(rows, columns, 3)  # the use statement, the model line, one findings line
+    side (the layout with the fewest text lines) when the capture's long side is at most ``max_side``: a
+    reduced-resolution decode whose long side is at least this is all the capture needs
+    (:func:`inference.pixels.displayed` with ``min_long_side``)."""
+    lay = layout(rows, columns, 3, max_side)  # the use statement, the model line, one findings line
     return max(lay.width, lay.image_height)
 
 
@@ -230,8 +238,10 @@ def _same_image(shape: tuple[int, ...], rows: int, columns: int) -> bool:
     return False
 
 
-def render_heatmap(display: np.ndarray, result: ImageResult, model: ModelInfo, title: str = "") -> np.ndarray:
-    """The heatmap secondary capture's pixels for one processed image (see the module docstring)."""
+def render_heatmap(display: np.ndarray, result: ImageResult, model: ModelInfo, title: str = "",
+                   max_side: int = enum.MAX_SIDE) -> np.ndarray:
+    """The heatmap secondary capture's pixels for one processed image (see the module docstring), its long
+    side at most ``max_side`` (MAX_SIDE: the capture the node sends)."""
     if not result.processed:
         raise EncodingError("no heatmap for an image that was not processed")
     display = np.asarray(display)
@@ -239,7 +249,7 @@ def render_heatmap(display: np.ndarray, result: ImageResult, model: ModelInfo, t
         raise EncodingError(f"display image {display.shape} {display.dtype} does not match the result "
                             f"({result.rows}, {result.columns}) uint8")
     heat, map_label = choose_map(result)
-    lay, text_lines = heatmap_layout(result, model, title)
+    lay, text_lines = heatmap_layout(result, model, title, max_side)
     if display.shape != (result.rows, result.columns) and max(display.shape) < max(lay.width, lay.image_height):
         raise EncodingError(f"display image {display.shape} is a reduced decode smaller than the capture "
                             f"({lay.image_height}, {lay.width})")
