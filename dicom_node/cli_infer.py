@@ -247,6 +247,9 @@ def cmd_infer(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_bundle(args.bundle, args.device)
+    from inference.gpu_decode import use_gpu_decoder
+
+    use_gpu_decoder(str(model.device))  # full-size JPEG 2000 on the GPU where nvImageCodec is installed
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = InferCommand(model, out, routing=routing, batch_size=batch_size, max_pixels=max_pixels,

@@ -65,6 +65,9 @@ class Pipeline:
 
             device = None if cfg.pipeline.device == "auto" else cfg.pipeline.device
             model = load_bundle(cfg.pipeline.bundle, device=device)
+            from inference.gpu_decode import use_gpu_decoder
+
+            use_gpu_decoder(str(model.device))  # full-size JPEG 2000 on the GPU where nvImageCodec is installed
         self.model = model
         # decoder threads: the next batch of a study is decoded while the model reads one
         self.decoder = DecoderPool(cfg.pipeline.decode_workers)

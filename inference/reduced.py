@@ -20,7 +20,8 @@ the modality LUT) of the smallest available level whose long side is still at le
 
 A JPEG 2000 image with no level small enough to help is decoded here at level 0 (full size) all
 the same: Pillow's OpenJPEG decodes one image with several threads when ``OPJ_NUM_THREADS`` says
-so (:func:`set_decoder_threads`), where pylibjpeg-openjpeg's build uses one.
+so (:func:`set_decoder_threads`), where pylibjpeg-openjpeg's build uses one; or, where the model
+runs on CUDA and nvImageCodec is installed, on the GPU (:mod:`inference.gpu_decode`).
 
 Decoding is Pillow's (OpenJPEG 2.5 for JPEG 2000, libjpeg-turbo for JPEG); at level 0 its JPEG 2000
 values equal pylibjpeg-openjpeg's (the test suite checks it on RG1/RG3, 10 and 15 bits).
@@ -136,6 +137,18 @@ def _decode_j2k(ds, cs: bytes, min_long_side: int) -> np.ndarray | None:
     if head is None:
         return None
     level = choose_level(*head.size_at(0), min_long_side, head.levels)
+    if level == 0 and not head.signed:
+        from inference.gpu_decode import gpu_decoder
+
+        nv = gpu_decoder()  # nvImageCodec, where the model runs on CUDA and it is installed
+        if nv is not None:
+            try:
+                values = nv.decode(cs, *head.size_at(0), head.precision, _stored_dtype(ds))
+            except Exception as exc:  # noqa: BLE001 - decoded on the CPU below
+                log.debug("nvImageCodec decoding not used (%s)", type(exc).__name__)
+                values = None
+            if values is not None:
+                return values
     # level 0 too: Pillow's OpenJPEG decodes one image with several threads (OPJ_NUM_THREADS, see
     # :func:`set_decoder_threads`), pylibjpeg-openjpeg's with one; the values are the same
     return j2k_at_level(ds, cs, head, level)
