@@ -129,6 +129,8 @@ class LimitsSection(_Section):
     max_associate_rq_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 65536
     max_pdu_bytes: Annotated[int, Field(ge=16384, le=1 << 28)] = 4 << 20  # advertised as Maximum Length Received
     pdu_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0  # a whole PDU, once its header arrived
+    # one message's data set (or command set) as its P-DATA fragments arrive: the most one association holds
+    max_dataset_mb: Annotated[int, Field(ge=1, le=65536)] = 512
     # connections accepted but not yet associated (dicom_node.connections); they never count against
     # node.max_associations
     max_pending_connections: Annotated[int, Field(ge=1, le=1000)] = 16

@@ -8,7 +8,10 @@ its reads time out per read, so a byte every few seconds keeps a connection, and
 - refuses a PDU whose declared length passes its limit (A-ASSOCIATE-RQ: ``limits.max_associate_rq_bytes``;
   any other: ``limits.max_pdu_bytes`` plus the PDV headers), before reading its body: the connection
   is closed, nothing is buffered;
-- gives a whole PDU, once its header arrived, ``limits.pdu_seconds`` to arrive, whatever the trickle.
+- gives a whole PDU, once its header arrived, ``limits.pdu_seconds`` to arrive, whatever the trickle;
+- closes the connection when one message's command or data set, counted over its P-DATA fragments
+  as they arrive, passes ``limits.max_dataset_mb``: a peer cannot make the node assemble an endless
+  data set out of conformant PDUs either.
 
 The node advertises ``limits.max_pdu_bytes`` as its Maximum Length Received, so a conformant peer
 never sends more. The reader is the one pynetdicom 3.x uses, with those checks added.
@@ -34,6 +37,7 @@ class Limits:
     max_associate_rq_bytes: int
     max_pdu_bytes: int
     pdu_seconds: float
+    max_message_bytes: int | None = None  # one message's command set or data set, over its fragments
 
     def allowed(self, pdu_type: int) -> int:
         return self.max_associate_rq_bytes if pdu_type == 0x01 else self.max_pdu_bytes + _PDV_SLACK
@@ -109,9 +113,33 @@ def _read_bounded(self: dul.DULServiceProvider, assoc_socket, raw, limits: Limit
         log.warning("PDU of type 0x%02X from %s cannot be decoded (%s)", pdu_type, _peer(raw), type(exc).__name__)
         self.event_queue.put("Evt19")
         return None
+    if pdu_type == 0x04 and limits.max_message_bytes is not None and _message_too_large(self, pdu, limits):
+        log.warning("a message from %s passed limits.max_dataset_mb (%d bytes); connection closed", _peer(raw),
+                    limits.max_message_bytes)
+        assoc_socket.close()
+        _connection_ended(self)
+        return None
     self.event_queue.put(event)
     self._recv_pdu.put(pdu)
     return None
+
+
+def _message_too_large(self: dul.DULServiceProvider, pdu, limits: Limits) -> bool:
+    """Count the fragments of the message in progress (command and data set apart, each from its first fragment
+    to its last): whether one passed ``limits.max_message_bytes``."""
+    counts: list[int] = self.__dict__.setdefault("_msk_message_bytes", [0, 0])  # [data set, command]
+    for item in pdu.presentation_data_value_items:
+        data = item.presentation_data_value  # the message control header, then the fragment
+        if not data:
+            continue
+        header = data[0]
+        kind = header & 0x01  # 1: command, 0: data set
+        counts[kind] += len(data) - 1
+        if counts[kind] > (limits.max_message_bytes or 0):
+            return True
+        if header & 0x02:  # the last fragment
+            counts[kind] = 0
+    return False
 
 
 def _connection_ended(self: dul.DULServiceProvider) -> None:

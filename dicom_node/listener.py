@@ -195,7 +195,7 @@ class Listener:
         # the largest P-DATA PDU a peer may send (dicom_node.edge refuses larger ones unread)
         ae.maximum_pdu_size = self.cfg.limits.max_pdu_bytes
         edge.install(edge.Limits(self.cfg.limits.max_associate_rq_bytes, self.cfg.limits.max_pdu_bytes,
-                                 self.cfg.limits.pdu_seconds))
+                                 self.cfg.limits.pdu_seconds, self.cfg.limits.max_dataset_mb << 20))
         ae.network_timeout = lim.idle_seconds  # an association with no PDU this long is aborted
         # how long an acceptor thread waits for an A-ASSOCIATE-RQ: a backstop; the budget closes them first
         ae.acse_timeout = lim.associate_seconds + 5

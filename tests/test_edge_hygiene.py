@@ -203,3 +203,36 @@ def test_a_capped_worker_runs_the_model_within_its_cap(tmp_path):
         node.wait_for(lambda: "results v1 ready (1 image(s) processed, 0 not)" in node.log(), timeout=180,
                       interval=1, what="results under the cap")
         assert "inference worker memory capped at 3072 MB" in node.log()
+
+
+def test_a_data_set_past_max_dataset_mb_closes_the_connection_and_memory_stays_bounded(tmp_path):
+    """Conformant PDUs, each within the advertised maximum, adding up to a 48 MB data set: past
+    limits.max_dataset_mb (8) the node closes the connection, holds nothing of it, and serves the next peer."""
+    import numpy as np
+    from pynetdicom import AE
+
+    from tests.peers import storescu
+
+    node = NodeProcess(tmp_path / "node", node_config(tmp_path / "node", limits={"max_dataset_mb": 8}))
+    with node:
+        src = copy_with_new_uids(pydicom_radiographs()[3], tmp_path / "a.dcm")
+        big = pydicom.dcmread(src)
+        big.Rows, big.Columns = 4000, 6000
+        big.PixelData = np.zeros((4000, 6000), np.uint16).tobytes()
+        big.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        before = _rss_mb(node.proc.pid)
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context(big.SOPClassUID, pydicom.uid.ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="MSKNODE")
+        assert assoc.is_established
+        status = assoc.send_c_store(big)
+        assert not status  # no response: the node closed the connection
+        assoc.abort()
+        grown = _rss_mb(node.proc.pid) - before
+        time.sleep(0.5)
+        assert "passed limits.max_dataset_mb" in node.log()
+        # a radiograph of the usual size still gets in
+        small = copy_with_new_uids(pydicom_radiographs()[3], tmp_path / "b.dcm")
+        assert storescu("127.0.0.1", node.port, [small]).returncode == 0
+    print(f"\nnode RSS grew {grown:.1f} MB while a peer sent a 48 MB data set (limit 8 MB)")
+    assert grown < 30
