@@ -35,10 +35,10 @@ pytest: $(STAMP) ohif
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The same suite with every node and index on a private PostgreSQL server (tests/postgres.py) instead of
-# SQLite, less the modules that never open the index (marked no_database in tests/conftest.py: the
-# SQLite pass ran them); the storage and migration tests run on both backends in either pass.
+# SQLite, less the modules whose outcome does not depend on the backend (marked backend_independent in
+# tests/conftest.py: they never open the index, or choose their databases themselves; the SQLite pass ran them).
 test-postgresql: $(STAMP) ohif
-	MSKNODE_TEST_DATABASE=postgresql $(BIN)/python -m pytest -m "not no_database" $(PYTEST_ARGS)
+	MSKNODE_TEST_DATABASE=postgresql $(BIN)/python -m pytest -m "not backend_independent" $(PYTEST_ARGS)
 
 # The prebuilt OHIF Viewer for the browser test (npm pack @ohif/app into .cache/, once); skipped without npm,
 # and then the browser test says what is missing.
