@@ -54,10 +54,25 @@ def cmd_check_config(args) -> int:
     return 0
 
 
+def _with_roles(cfg, given: list[str] | None):
+    """``serve --role`` (repeated, or comma-separated) in place of ``node.roles``."""
+    if not given:
+        return cfg
+    from dicom_node.config import ROLES
+
+    roles = [r.strip().lower() for value in given for r in value.split(",") if r.strip()]
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown or not roles:
+        raise ConfigError(f"{', '.join(unknown) or 'nothing given'}: roles are {', '.join(ROLES)} (combinable)",
+                          key="--role")
+    node = cfg.node.model_copy(update={"roles": [r for r in ROLES if r in roles]})
+    return cfg.model_copy(update={"node": node})
+
+
 def cmd_serve(args) -> int:
     from dicom_node.node import Node, check_ports
 
-    cfg = _load_config(args)
+    cfg = _with_roles(_load_config(args), args.role)
     check_ports(cfg)  # a busy port: one line and exit status 2, before the index or storage is touched
     node = Node(cfg)
     node.serve_forever()
@@ -222,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the node in the foreground")
+    s.add_argument("--role", action="append", default=None, metavar="ROLE[,ROLE]",
+                   help="what this process runs: listener, worker, sender (repeat the option or separate "
+                        "with commas; default node.roles, all three)")
     s.set_defaults(func=cmd_serve)
     s = sub.add_parser("check-config", help="validate the configuration and exit")
     s.set_defaults(func=cmd_check_config)

@@ -72,12 +72,26 @@ class NodeTLS(_Section):
     require_client_certificate: bool = False  # needs ca_file
 
 
+#: what one ``dicom-node serve`` process runs (docs/deployment.md): the DICOM listener (with the
+#: quiet-period timers), the inference workers, the delivery queue's sender
+Role = Literal["listener", "worker", "sender"]
+ROLES: tuple[Role, ...] = ("listener", "worker", "sender")
+
+
 class NodeSection(_Section):
     ae_title: AETitle = "MSKNODE"
     bind: Host = "0.0.0.0"
     port: Port = 11112
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
     tls: NodeTLS = NodeTLS()
+    roles: list[Role] = list(ROLES)  # all three: one machine does everything
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"at least one of {', '.join(ROLES)}")
+        return [r for r in ROLES if r in v]  # listed once each, in one order
 
 
 #: what happens at a destination to the objects of a result version that a newer one supersedes:
@@ -107,6 +121,9 @@ class StorageSection(_Section):
     path: Path = Path("./var")
     database_url: str = "sqlite:///./var/index.sqlite"
     min_free_mb: Annotated[int, Field(ge=0)] = 1024
+    # other nodes write to storage.path too: the start-up clean-up leaves young files alone
+    # (None: true when database_url is PostgreSQL, the database nodes share)
+    shared: bool | None = None
 
     @field_validator("database_url")
     @classmethod
@@ -348,8 +365,15 @@ class Config(_Section):
     def node_identity(self) -> str:
         """This node among the nodes that share one database: its host name and DICOM port, the same
         across its restarts. Its workers' study claims and its sender's delivery claims carry it, so that
-        a node gives back only its own claims when it (re)starts, never another node's."""
-        return f"{socket.gethostname()}/{self.node.port}"
+        a node gives back only its own claims when it (re)starts, never another node's. A node that runs
+        only some roles names them: a worker-only process beside a whole node on one machine (with the
+        same node.port) is another node."""
+        roles = "" if list(self.node.roles) == list(ROLES) else "/" + "+".join(self.node.roles)
+        return f"{socket.gethostname()}/{self.node.port}{roles}"
+
+    def runs(self, role: str) -> bool:
+        """Whether this process runs ``role`` (one of :data:`ROLES`; ``node.roles``, or ``serve --role``)."""
+        return role in self.node.roles
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

@@ -23,7 +23,7 @@ from dicom_node.metrics import METRICS
 from dicom_node.sender import Sender
 from dicom_node.tracker import StudyTracker
 from storage.deliveries import DeliveryQueue
-from storage.files import InstanceStore
+from storage.files import SHARED_MIN_AGE, InstanceStore
 from storage.index import Index
 from storage.jobs import Jobs
 from storage.models import utcnow
@@ -56,17 +56,28 @@ def check_port_free(what: str, bind: str, port: int) -> None:
 
 
 def check_ports(cfg: Config) -> None:
-    """Before anything starts (``serve``): the DICOM and HTTP ports are free, else one StartupError."""
-    check_port_free("node.port", cfg.node.bind, cfg.node.port)
+    """Before anything starts (``serve``): the DICOM port (with the listener role) and the HTTP port are
+    free, else one StartupError."""
+    if cfg.runs("listener"):
+        check_port_free("node.port", cfg.node.bind, cfg.node.port)
     if cfg.http.enabled:
         check_port_free("http.port", cfg.http.bind, cfg.http.port)
+
+
+def shared_store(cfg: Config) -> bool:
+    """Whether other nodes write to ``storage.path`` too: ``storage.shared``, by default whether the
+    index is on PostgreSQL (the database several nodes share)."""
+    if cfg.storage.shared is not None:
+        return cfg.storage.shared
+    return not cfg.storage.database_url.startswith("sqlite")
 
 
 def open_store(cfg: Config) -> InstanceStore:
     """The instance store, its directories created and written once: unusable storage is one StartupError."""
     path = cfg.storage.path
     try:
-        store = InstanceStore(path, min_free_mb=cfg.storage.min_free_mb)
+        store = InstanceStore(path, min_free_mb=cfg.storage.min_free_mb,
+                              min_age=SHARED_MIN_AGE if shared_store(cfg) else 0.0)
         probe = store.tmp / f"start-{os.getpid()}.probe"
         probe.write_bytes(b"ok")
         probe.unlink()
@@ -103,7 +114,9 @@ class Node:
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"misfire_grace_time": None})
         self.tracker = StudyTracker(self.index, self.scheduler,
                                     sweep_seconds=max(5.0, min(60.0, cfg.study.quiet_seconds * 3)))
-        self.listener = Listener(cfg, self.store, self.index, on_recorded=self.tracker.instance_recorded)
+        self.listener: Listener | None = None
+        if cfg.runs("listener"):
+            self.listener = Listener(cfg, self.store, self.index, on_recorded=self.tracker.instance_recorded)
         self.pool: WorkerPool | None = None
         self.sender: Sender | None = None
         self.http: OpsServer | None = None
@@ -112,13 +125,16 @@ class Node:
     def start(self) -> None:
         from dicom_node.pipeline import WorkerPool, claim_prefix
 
-        log.debug("starting: %d peer(s), quiet period %.1f s, %s inference worker(s), batch size %d",
-                  len(self.cfg.peers), self.cfg.study.quiet_seconds,
-                  self.cfg.pipeline.workers if self.cfg.pipeline.enabled else "no", self.cfg.pipeline.batch_size)
-        check_bundle(self.cfg)
+        cfg = self.cfg
+        log.debug("starting: roles %s, %d peer(s), quiet period %.1f s, %s inference worker(s), batch size %d",
+                  ", ".join(cfg.node.roles), len(cfg.peers), cfg.study.quiet_seconds,
+                  cfg.pipeline.workers if self.runs_workers else "no", cfg.pipeline.batch_size)
+        if cfg.runs("worker"):
+            check_bundle(cfg)
         # the ports first: a second node on a busy port stops here with one line, having started nothing
-        check_port_free("node.port", self.cfg.node.bind, self.cfg.node.port)
-        if self.cfg.http.enabled:
+        if self.listener is not None:
+            check_port_free("node.port", cfg.node.bind, cfg.node.port)
+        if cfg.http.enabled:
             from dicom_node.ops_http import OpsServer
 
             self.http = OpsServer(self)
@@ -126,53 +142,67 @@ class Node:
                 self.http.bind()
             except OSError as exc:
                 self.http = None
-                raise _port_in_use("http.port", self.cfg.http.bind, self.cfg.http.port, exc) from None
+                raise _port_in_use("http.port", cfg.http.bind, cfg.http.port, exc) from None
         try:
-            AUDIT.configure(self.cfg)
+            AUDIT.configure(cfg)
         except OSError as exc:
             raise StartupError(f"cannot start: audit.path cannot be written: {exc.strerror} ({exc.filename})") \
                 from None
-        AUDIT.configuration(self.cfg)
-        METRICS.set_peers(p.ae_title for p in self.cfg.peers)
+        AUDIT.configuration(cfg)
+        METRICS.set_peers(p.ae_title for p in cfg.peers)
         METRICS.watch_index(self.index)
         self._model_info()
-        # files a crash left between their write and their index row: nothing writes to the store yet
+        # files a crash left between their write and their index row: this node writes nothing to the
+        # store yet; on a shared store only what is older than any write in progress (open_store)
         removed, freed = self.store.sweep(self.index.stored_paths())
         if removed:
             log.warning("start-up sweep: %d stored file(s) without an index row removed (%.1f MB), left by an "
                         "earlier run that stopped between writing and indexing them", removed, freed / 1e6)
-        released = self.jobs.release_claims(claim_prefix(self.cfg))
-        if released:
-            log.info("%d stud%s left inferring by an earlier run: back to stable", released,
-                     "y" if released == 1 else "ies")
+        if cfg.runs("worker"):
+            released = self.jobs.release_claims(claim_prefix(cfg))
+            if released:
+                log.info("%d stud%s left inferring by an earlier run: back to stable", released,
+                         "y" if released == 1 else "ies")
         self.scheduler.start()
-        self.tracker.start()
-        try:
-            self.listener.start()
-        except OSError as exc:
-            raise _port_in_use("node.port", self.cfg.node.bind, self.cfg.node.port, exc) from None
-        if self.cfg.pipeline.enabled:
-            self.pool = WorkerPool(self.cfg, self.jobs)
+        # the quiet-period timers run where studies arrive and where they are processed: a deadline
+        # fires on whichever node sees it first (the state change is a compare-and-set)
+        if self.listener is not None or self.runs_workers:
+            self.tracker.start()
+        if self.listener is not None:
+            try:
+                self.listener.start()
+            except OSError as exc:
+                raise _port_in_use("node.port", cfg.node.bind, cfg.node.port, exc) from None
+        if self.runs_workers:
+            self.pool = WorkerPool(cfg, self.jobs)
             self.tracker.on_stable = self.pool.wake
             self.pool.start()
             self.scheduler.add_job(self.pool.check, "interval", seconds=5, id="workers", coalesce=True,
                                    max_instances=1)
-        # the first pass runs at once: deliveries left in doubt by a crash are checked (C-FIND) before any resend
-        self.sender = Sender(self.cfg, self.store, DeliveryQueue(self.index))
-        self.sender.start(self.scheduler)
+        if cfg.runs("sender"):
+            # the first pass runs at once: deliveries left in doubt by a crash are checked (C-FIND) before
+            # any resend
+            self.sender = Sender(cfg, self.store, DeliveryQueue(self.index))
+            self.sender.start(self.scheduler)
         if self.pool is not None:  # results queued by a worker: send now rather than at the next poll
             threading.Thread(target=self._relay_done, name="results-ready", daemon=True).start()
-        if self.cfg.retention.max_age_days:
-            self.scheduler.add_job(self.retention, "interval", minutes=self.cfg.retention.interval_minutes,
+        if cfg.retention.max_age_days:  # on every node; one at a time on a shared database (retention())
+            self.scheduler.add_job(self.retention, "interval", minutes=cfg.retention.interval_minutes,
                                    id="retention", coalesce=True, max_instances=1,
                                    next_run_time=dt.datetime.now(dt.UTC))
         if self.http is not None:
             self.http.start()
         AUDIT.application(True)
-        log.info("msk-dicom-node %s started (config %s)", __version__, self.cfg.source or "<defaults>")
+        log.info("msk-dicom-node %s started (config %s; roles %s)", __version__, cfg.source or "<defaults>",
+                 ", ".join(cfg.node.roles))
+
+    @property
+    def runs_workers(self) -> bool:
+        """The inference workers run here: the worker role, and the pipeline enabled."""
+        return self.cfg.runs("worker") and self.cfg.pipeline.enabled
 
     def _model_info(self) -> None:
-        if not self.cfg.pipeline.enabled:
+        if not self.runs_workers:
             METRICS.model.info({"name": "", "version": "", "pipeline": "disabled"})
             return
         from inference import DEFAULT_BUNDLE
@@ -188,7 +218,7 @@ class Node:
     def _relay_done(self) -> None:
         from multiprocessing.connection import wait
 
-        assert self.pool is not None and self.sender is not None  # set by start() before this thread starts
+        assert self.pool is not None  # set by start() before this thread starts
         while not self._stop.is_set() and not self.pool.stopping:
             readers = self.pool.done_readers()
             try:
@@ -208,7 +238,7 @@ class Node:
                     if int(images):
                         for _ in range(int(images)):
                             METRICS.inference_image.observe(float(seconds) / int(images))
-            if woke:
+            if woke and self.sender is not None:  # without the sender role, another node's polls find them
                 self.sender.wake()
             elif ready:
                 time.sleep(0.2)  # end of file: a worker died; the pool restarts it
@@ -220,10 +250,14 @@ class Node:
             raise TypeError("retention.max_age_days is not set")
         cutoff = utcnow() - dt.timedelta(days=max_age_days)
         removed = 0
-        for study_id, uid in self.jobs.expired_studies(cutoff):
-            if self.jobs.delete_study(study_id):  # rows first: a crash leaves files, never dangling rows
-                self.store.delete_study_dirs(uid)
-                removed += 1
+        with self.index.db.exclusive("retention") as mine:  # one node at a time on a shared database
+            if not mine:
+                log.debug("retention: another node is running it")
+                return 0
+            for study_id, uid in self.jobs.expired_studies(cutoff):
+                if self.jobs.delete_study(study_id):  # rows first: a crash leaves files, never dangling rows
+                    self.store.delete_study_dirs(uid)
+                    removed += 1
         if removed:
             log.info("retention: removed %d stud%s older than %g days", removed, "y" if removed == 1 else "ies",
                      self.cfg.retention.max_age_days)
@@ -234,7 +268,8 @@ class Node:
         self._stop.set()
         if self.http is not None:
             self.http.stop()
-        self.listener.stop()
+        if self.listener is not None:
+            self.listener.stop()
         if self.sender is not None:
             self.sender.stop()
         if self.pool is not None:

@@ -3,7 +3,8 @@
 - ``GET /healthz``: the process is alive (never needs the token).
 - ``GET /readyz``: database reachable, storage writable with free space above ``storage.min_free_mb``,
   listener accepting, each inference worker alive with its model loaded, sender running; 200 or 503,
-  with a JSON body that says which check failed.
+  with a JSON body that says which check failed. A node checks only the roles it runs (``node.roles``):
+  a worker-only node has no listener check.
 - ``GET /metrics``: Prometheus text format (:mod:`dicom_node.metrics`).
 - ``GET /``: the status page for a person (recent studies, deliveries, dead letters with a retry
   button, the configuration in effect with its secrets hidden, the model card);
@@ -83,7 +84,7 @@ def readiness(node: Node) -> dict[str, dict[str, Any]]:
         return None
 
     def listener() -> str | None:
-        server = node.listener.server
+        server = node.listener.server if node.listener is not None else None
         if server is None or server.socket is None or server.socket.fileno() < 0:
             return "the DICOM listener is not accepting"
         return None
@@ -101,10 +102,13 @@ def readiness(node: Node) -> dict[str, dict[str, Any]]:
             return "the sender's job is not scheduled"
         return None
 
+    roles = {"listener": "listener", "workers": "worker", "sender": "sender"}
     for name, fn in (("database", database), ("storage", storage), ("listener", listener),
                      ("workers", workers), ("sender", sender)):
+        if name in roles and not node.cfg.runs(roles[name]):
+            continue  # another node's role
         check(name, fn)
-    if not node.cfg.pipeline.enabled:
+    if "workers" in checks and not node.cfg.pipeline.enabled:
         checks["workers"]["detail"] = "pipeline disabled (pipeline.enabled: false)"
     return checks
 
@@ -159,6 +163,7 @@ class OpsApp:
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "alive", "version": __version__, "pid": os.getpid(),
                              "ae_title": self.cfg.node.ae_title, "dicom_port": self.cfg.node.port,
+                             "roles": list(self.cfg.node.roles),
                              "uptime_seconds": round(time.time() - self.started, 1)})
 
     async def readyz(self, request: Request) -> Response:

@@ -182,7 +182,10 @@ class Pipeline:
         written: list[NewResult] = []
         for obj in objects:
             ds = obj.dataset
-            rel = self.store.result_relpath(claim.StudyInstanceUID, f"{obj.kind}:{ds.SOPInstanceUID}")
+            # the UIDs are the same whoever builds the version (dicom_node.identity); the file is this
+            # claim's: a worker whose lease lapsed while another took the study over (another node, on
+            # a shared store) then deletes its own files when its finish is refused, never the winner's
+            rel = self.store.result_relpath(claim.StudyInstanceUID, f"{obj.kind}:{ds.SOPInstanceUID}:{claim.worker}")
             self.store.write(rel, obj.data)
             written.append(NewResult(obj.kind, str(ds.SOPInstanceUID), str(ds.SOPClassUID),
                                      str(ds.SeriesInstanceUID), str(ds.file_meta.TransferSyntaxUID), rel,

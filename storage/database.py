@@ -15,6 +15,7 @@ patient data.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -129,6 +130,29 @@ class Database:
         """A session for reading (no lock); database errors become :class:`StorageError`."""
         with storage_errors(), self.Session() as session:
             yield session
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[bool]:
+        """Whether this process may run the periodic job ``name`` now, among all processes on this database.
+
+        PostgreSQL: a session-level advisory lock (``pg_try_advisory_lock``, keyed by a hash of ``name``)
+        held on a connection of its own for the block, so that of several nodes on one database one
+        runs the job and the others skip this turn (the block gets False; it never waits). A node that
+        dies loses its lock with its connection. SQLite (one node): always True.
+        """
+        if self.is_sqlite:
+            yield True
+            return
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        with storage_errors(), self.engine.connect() as conn:
+            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar())
+            conn.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                    conn.commit()
 
     def write_retrying(self, work: Callable[[Session], T], what: str) -> T:
         """Run ``work(session)`` in :meth:`write`, again when it lost an insert race to another process.

@@ -443,8 +443,13 @@ class DeliveryQueue:
     # -- study state -----------------------------------------------------------
     @staticmethod
     def _refresh_studies(s, study_ids: Iterable[int], now: dt.datetime) -> None:
-        for sid in sorted(set(study_ids)):
-            row = s.execute(select(Study.state, Study.result_version).where(Study.id == sid)).one_or_none()
+        for sid in sorted(set(study_ids)):  # in id order: two transactions lock studies in the same order
+            # the study row locked first (PostgreSQL; SQLite has one writer): two senders that each mark
+            # the last deliveries of one study sent must not both read the other's as still in flight
+            # (each its own snapshot) and both leave the study results_ready; the second waits for the
+            # first's commit and reads it
+            row = s.execute(select(Study.state, Study.result_version).where(Study.id == sid)
+                            .with_for_update()).one_or_none()
             if row is None or row[0] not in _DELIVERY_STUDY_STATES:
                 continue
             state, version = row

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,20 +37,43 @@ class StoredFile:
     size: int
 
 
-class InstanceStore:
-    """Durable file store rooted at ``root``; thread-safe (no shared mutable state)."""
+#: on a store other nodes write to too, what the start-up clean-up may remove is at least this old
+#: (seconds): a partial write, or a file written and not yet indexed, is younger by far
+SHARED_MIN_AGE = 3600.0
 
-    def __init__(self, root: str | os.PathLike, min_free_mb: int = 0):
+
+class InstanceStore:
+    """Durable file store rooted at ``root``; thread-safe (no shared mutable state).
+
+    ``min_age`` (seconds): the start-up clean-ups (:meth:`_clean_tmp`, :meth:`sweep`) leave alone what
+    was modified more recently: 0 when this process is the store's only writer; on a store that
+    several nodes share (:data:`SHARED_MIN_AGE`), another node's write in progress, or its file
+    written a moment before its index row, must not be taken for a crash's leftovers.
+    """
+
+    def __init__(self, root: str | os.PathLike, min_free_mb: int = 0, min_age: float = 0.0):
         self.root = Path(root).resolve()
         self.min_free_bytes = int(min_free_mb) * _MB
+        self.min_age = float(min_age)
         self.tmp = self.root / "tmp"
         for d in (self.root, self.tmp, self.root / "instances", self.root / "results"):
             d.mkdir(parents=True, exist_ok=True)
         self._clean_tmp()
 
+    def _old_enough(self, path: Path, now: float) -> bool:
+        if not self.min_age:
+            return True
+        try:
+            return now - path.stat().st_mtime >= self.min_age
+        except OSError:
+            return False  # gone already, or unreadable: leave it
+
     def _clean_tmp(self) -> None:
         """Partial files of a crashed write are never acknowledged: remove them at start-up."""
+        now = time.time()
         for p in self.tmp.iterdir():
+            if not self._old_enough(p, now):
+                continue
             try:
                 p.unlink()
             except OSError:
@@ -96,10 +120,18 @@ class InstanceStore:
             finally:
                 os.close(fd)
             parent = final.parent
-            if not parent.exists():
-                parent.mkdir(parents=True, exist_ok=True)
-                _fsync_dir(parent.parent)
-            os.replace(tmp, final)
+            for attempt in range(2):
+                if not parent.exists():
+                    parent.mkdir(parents=True, exist_ok=True)
+                    _fsync_dir(parent.parent)
+                try:
+                    os.replace(tmp, final)
+                    break
+                except FileNotFoundError:
+                    # on a shared store another node's start-up sweep removed the (old, empty) folder
+                    # between the check and the rename: make it again, once
+                    if attempt or not tmp.exists():
+                        raise
             _fsync_dir(parent)
         except OSError:
             try:
@@ -121,12 +153,19 @@ class InstanceStore:
     def sweep(self, known: set[str]) -> tuple[int, int]:
         """Remove the files under ``instances/`` and ``results/`` whose relative path is not in ``known``
         (the paths the index holds), and the folders that leaves empty: what a crash between a write and
-        its index row left behind. Run only while nothing writes to the store (the node's start-up).
-        Returns (files removed, bytes freed)."""
+        its index row left behind. Run while this process writes nothing to the store (the node's
+        start-up); on a shared store (``min_age``) other nodes may write: ``known`` must then be read
+        before this call, and only what is older than ``min_age`` is removed. Returns (files removed,
+        bytes freed)."""
         removed = freed = 0
+        now = time.time()
         for top in ("instances", "results"):
             base = self.root / top
-            for path in sorted(base.rglob("*"), reverse=True):  # files before their folders
+            # ages first: removing a file makes its folder young again
+            listed = [(p, self._old_enough(p, now)) for p in sorted(base.rglob("*"), reverse=True)]
+            for path, old in listed:  # files before their folders
+                if not old:
+                    continue  # another node's file (or folder) of a moment ago
                 if path.is_dir():
                     try:
                         path.rmdir()  # only when empty

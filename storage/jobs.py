@@ -70,22 +70,30 @@ class Jobs:
 
     # -- claiming ------------------------------------------------------------
     def claim(self, worker: str, lease_seconds: float, now: dt.datetime | None = None) -> ClaimedStudy | None:
-        """Take the oldest stable study (or one whose claim lapsed); None when there is none."""
+        """Take the oldest stable study (or one whose claim lapsed); None when there is none.
+
+        On PostgreSQL the candidate row is locked with ``SELECT ... FOR UPDATE SKIP LOCKED``: workers of
+        several nodes each take a different study without waiting for one another. The state change is
+        the compare-and-set of :mod:`storage.states` on both databases (SQLite has one writer at a time).
+        """
         now = now or utcnow()
         lapsed = now - dt.timedelta(seconds=lease_seconds)
-        with self.db.read() as s:
-            candidates = s.scalars(
-                select(Study.id).where(or_(Study.state == StudyState.STABLE.value,
-                                           (Study.state == StudyState.INFERRING.value) & (Study.claimed_at < lapsed)))
-                .order_by(Study.stable_at, Study.id).limit(5)).all()
-        for study_id in candidates:
+        claimable = or_(Study.state == StudyState.STABLE.value,
+                        (Study.state == StudyState.INFERRING.value) & (Study.claimed_at < lapsed))
+        for _attempt in range(5):
             with self.db.write() as s:
+                pick = select(Study.id).where(claimable).order_by(Study.stable_at, Study.id).limit(1)
+                if not self.db.is_sqlite:
+                    pick = pick.with_for_update(skip_locked=True)
+                study_id = s.scalar(pick)
+                if study_id is None:
+                    return None
                 res = cast(CursorResult, s.execute(states.guarded_update(
                     states.INFERRING, {states.STABLE: None, states.INFERRING: Study.claimed_at < lapsed},
                     Study.id == study_id, now=now, claimed_by=worker, claimed_at=now,
                     inference_attempts=Study.inference_attempts + 1)))
                 if res.rowcount != 1:
-                    continue  # another worker was faster
+                    continue  # another worker was faster (SQLite: between the read and the write)
                 study = s.get(Study, study_id)
                 assert study is not None  # just claimed in this transaction
                 instances = [_row(i) for i in s.scalars(select(Instance).where(Instance.study_id == study_id)

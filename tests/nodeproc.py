@@ -58,12 +58,19 @@ class NodeProcess:
     def storage(self) -> Path:
         return Path(self.cfg["storage"]["path"])
 
-    def start(self, timeout: float = 60.0) -> NodeProcess:
+    @property
+    def listens(self) -> bool:
+        return "listener" in self.cfg["node"].get("roles", ["listener"])
+
+    def start(self, timeout: float = 60.0, args: tuple[str, ...] = ()) -> NodeProcess:
+        """Start ``serve`` (with ``args``, e.g. ``("--role", "worker")``); wait for the DICOM port, or for
+        the operations endpoint's port when the node does not listen."""
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "--config", str(self.config_path),
-                                      "serve"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        wait_for_port(self.port, timeout=timeout, proc=self.proc)
+                                      "serve", *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        listens = self.listens and not any(a.startswith("--role") for a in args)
+        wait_for_port(self.port if listens else self.cfg["http"]["port"], timeout=timeout, proc=self.proc)
         return self
 
     def stop(self) -> int | None:

@@ -15,7 +15,8 @@ from tests.peers import require
 @pytest.mark.slow
 def test_sigkill_mid_stream_loses_no_acknowledged_instance(make_node, tmp_path):
     # quiet period long enough that the studies are still receiving when the node dies
-    node = make_node(quiet_seconds=4)
+    # the only writer of its store (storage.shared false, also on PostgreSQL): the restart sweeps at once
+    node = make_node(quiet_seconds=4, storage={"shared": False})
     files = []
     for i in range(3):  # three studies, 20 images each, ~1.7 MB per image
         files += write_dx_study(tmp_path / f"study{i}", fracatlas_images(20, offset=20 * i), scale=2,

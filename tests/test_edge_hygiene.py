@@ -165,7 +165,9 @@ def test_start_up_sweep_removes_stored_files_without_an_index_row(tmp_path):
     the next start; indexed files, and the folders they live in, stay."""
     from tests.peers import storescu
 
-    node = NodeProcess(tmp_path / "node", node_config(tmp_path / "node"))
+    # the node is the store's only writer (on PostgreSQL storage.shared would default to true, and the
+    # sweep would leave these young files alone: tests/test_multinode.py)
+    node = NodeProcess(tmp_path / "node", node_config(tmp_path / "node", storage={"shared": False}))
     with node:
         assert storescu("127.0.0.1", node.port, pydicom_radiographs()[:1]).returncode == 0
     kept = list((node.storage / "instances").rglob("*.dcm"))
