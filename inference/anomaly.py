@@ -110,3 +110,35 @@ def regions_from_map(canvas_map: np.ndarray, geo: Geometry, threshold: float, so
         regions.append(Region(box=box, score=peak, area_px=int(round(area * px_per_canvas)), source=source))
     regions.sort(key=lambda r: -r.score)
     return tuple(regions[:max_regions])
+
+
+def peak_regions(canvas_map: np.ndarray, geo: Geometry, relative: float, source: str, max_regions: int = 2,
+                 second: float = 0.5) -> tuple[Region, ...]:
+    """Regions around the map's peaks, whatever the map's absolute level: the connected components of
+    ``canvas_map >= relative * peak`` inside the image, strongest first, the first always (where the map
+    is not all zero), the others only where their own peak reaches ``second * peak``.
+
+    The fracture call says whether there is a fracture; the map only has to say where, so its strongest
+    place is reported even when the map never reaches an absolute threshold (issue 17: a "definite"
+    fracture with no box)."""
+    inside = np.zeros_like(canvas_map, dtype=bool)
+    inside[geo.off_y:geo.off_y + geo.height, geo.off_x:geo.off_x + geo.width] = True
+    values = np.where(inside, canvas_map, 0.0)
+    peak = float(values.max()) if values.size else 0.0
+    if not peak > 0.0:
+        return ()
+    labels, n = ndimage.label(values >= relative * peak)
+    px_per_canvas = (geo.rows / geo.height) * (geo.columns / geo.width)
+    regions = []
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        comp = labels[sl] == i
+        top = float(values[sl][comp].max())
+        if top < second * peak and regions:
+            continue
+        box = geo.box_to_source((sl[1].start, sl[0].start, sl[1].stop, sl[0].stop))
+        regions.append(Region(box=box, score=top, area_px=int(round(int(comp.sum()) * px_per_canvas)), source=source))
+    regions.sort(key=lambda r: -r.score)
+    regions = [r for k, r in enumerate(regions) if k == 0 or r.score >= second * peak]
+    return tuple(regions[:max_regions])
