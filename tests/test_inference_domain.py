@@ -120,6 +120,8 @@ def test_declined_image_is_a_not_processed_image_in_the_sr(model, tmp_path):
     texts = [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
     assert any(t.startswith(OUTSIDE_DOMAIN) or f"not processed: {OUTSIDE_DOMAIN}" in t for t in texts), texts
     assert sr.CompletionFlagDescription.startswith("1 of 2 images not processed")
+    # the processed image's group says what its anomaly map is not
+    assert any("not a localiser" in t for t in texts), texts
     read = {i.source_sop_instance_uid: i for i in read_sr(sr).images}
     assert len(read) == 2
 
@@ -138,3 +140,23 @@ def test_copy_of_bundle_without_bank_declines_nothing(model, tmp_path):
     del ds.BodyPartExamined
     res, = old.predict_datasets([ds])
     assert res.processed
+
+
+def test_anomaly_map_is_shown_but_not_reported_as_regions(model):
+    """The card says the anomaly map is not a localiser (issue 17): no anomaly regions as findings, and the
+    note travels with the result (JSON) and into the SR."""
+    assert model.card.anomaly.get("not_a_localiser")
+    res, = model.predict_datasets([pydicom.dcmread(get_testdata_file("RG3_J2KI.dcm"))])
+    assert res.anomaly_map is not None and res.regions == ()
+    assert all(r.source == "fracture" for r in res.reported_regions())
+    assert "not a localiser" in res.to_json()["anomaly_map_note"]
+
+
+def test_random_mask_error_scores_every_patch(model):
+    import torch
+
+    from inference.anomaly import random_mask_error
+
+    x = torch.from_numpy(model.prepare(np.full((300, 200), 100, np.uint8) + np.arange(200, dtype=np.uint8) // 2)[0])
+    err = random_mask_error(model.mae, x[None, None], passes=10)
+    assert err.shape == (1, model.cfg.num_patches) and torch.isfinite(err).all() and (err >= 0).all()
