@@ -400,7 +400,7 @@ class Model:
             regions_from_map,
             smooth_grid,
         )
-        from inference.domain import OUTSIDE_DOMAIN, body_part_outside
+        from inference.domain import OUTSIDE_DOMAIN, body_part_outside, content_patches
         from inference.heads import probabilities
         from inference.results import BinaryFinding, CategoricalFinding, ImageResult
 
@@ -467,6 +467,12 @@ class Model:
                     if int(spec.arch.get("erode_patches", 0)):  # the image's edge: collimation, markers, text
                         valid = ndimage.binary_erosion(valid, iterations=int(spec.arch["erode_patches"]),
                                                        border_value=0)
+                    if spec.arch.get("flat_std") is not None:  # blank collimation, saturation, and the ring by them
+                        flat = ~content_patches(x[b:b + 1], self.cfg.patch_size, float(spec.arch["flat_std"]))[0]
+                        flat = flat.cpu().numpy().reshape(g, g)
+                        if int(spec.arch.get("flat_dilate", 0)):
+                            flat = ndimage.binary_dilation(flat, iterations=int(spec.arch["flat_dilate"]))
+                        valid = valid & ~flat
                     pm = pm * valid
                     pm = smooth_grid(pm, float(spec.arch.get("smooth_patches", 0.6)))
                     canvas = grid_to_canvas(pm, geo.size, 0.0)
