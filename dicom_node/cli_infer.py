@@ -262,7 +262,8 @@ def cmd_infer(args) -> int:
             res = command.results[i]
             if res.processed:
                 parts = [f"{x.name}={x.decision}({x.probability:.2f})" if isinstance(x, BinaryFinding)
-                         else f"{x.name}={x.label}({x.confidence:.2f})" for x in res.findings()]
+                         else f"{x.name}={'uncertain:' if x.uncertain else ''}{x.label}({x.confidence:.2f})"
+                         for x in res.findings()]
                 shown = res.reported_regions()  # the boxes the SR, captures and presentation states show
                 n_fx = sum(1 for r in shown if r.source == "fracture")
                 unboxed = "".join(f" {x.name}=not-localised" for x in res.not_localised())

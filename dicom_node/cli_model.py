@@ -223,6 +223,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_fit_domain(args) -> int:
+    _threads(args)
+    from inference.training.domain_fit import fit_domain
+
+    entry = fit_domain(args.bundle, args.data, args.cache_dir, bank_size=args.bank_size,
+                       top_fraction=args.top_fraction, quantile=args.quantile, content_std=args.content_std,
+                       min_side=args.min_side, seed=args.seed, command=_command_line())
+    print(f"domain bank of {entry['bank_vectors']} patch tokens from {entry['bank_images']} training images; "
+          f"threshold {entry['threshold']:.4f} (quantile {entry['threshold_quantile']} of {entry['dev_images']} "
+          f"development images)")
+    return 0
+
+
 def cmd_card(args) -> int:
     from inference.training.model_card import write
 
@@ -293,6 +306,22 @@ def register_more(sub, msub) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_evaluate)
+
+    p = msub.add_parser("fit-domain", help="fit the out-of-domain decline: a patch-token memory bank of the "
+                                           "training images and a threshold on the development images")
+    p.add_argument("--bundle", required=True, help="bundle to add the bank to (written in place)")
+    p.add_argument("--data", required=True, help="data directory (fracatlas/ and/or knee-kl/)")
+    p.add_argument("--bank-size", type=int, default=1024, help="patch tokens kept (greedy k-centre coreset)")
+    p.add_argument("--content-std", type=float, default=0.05,
+                   help="a patch counts (bank and score) when its pixel standard deviation exceeds this")
+    p.add_argument("--min-side", type=int, default=128, help="images with a smaller long side are declined")
+    p.add_argument("--top-fraction", type=float, default=0.1,
+                   help="an image's score: the mean of this share of its largest patch distances")
+    p.add_argument("--quantile", type=float, default=0.995, help="threshold: this quantile of development scores")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=None, help="where the tokens are cached")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_fit_domain)
 
     p = msub.add_parser("card", help="render the bundle's docs/README.md model card from its metadata")
     p.add_argument("--bundle", required=True)

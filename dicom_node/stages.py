@@ -247,7 +247,8 @@ def route(images: Sequence[LoadedImage], results: Sequence[ImageResult], routing
             out_images.append(im)
             out_results.append(r)
             continue
-        rule = route_rule(routing, im.facts, r.anatomy.label if r.processed and r.anatomy else None)
+        anatomy = r.anatomy.label if r.processed and r.anatomy and not r.anatomy.uncertain else None
+        rule = route_rule(routing, im.facts, anatomy)
         if rule.skip:
             reason = f"routing rule {rule.name!r}"
             r = ImageResult.not_processed(r.image_id, reason, r.rows, r.columns)

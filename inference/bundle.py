@@ -6,6 +6,7 @@ Layout::
     <bundle>/models/mae.safetensors  encoder + MAE decoder
     <bundle>/models/heads/<name>.safetensors
     <bundle>/models/anomaly.safetensors   normal-image reconstruction-error statistics
+    <bundle>/models/domain.safetensors    patch-token memory bank of the out-of-domain decline
     <bundle>/docs/README.md          the model card for people
 
 Every weights file's sha256 is recorded in the card and checked at load.
@@ -31,6 +32,7 @@ from inference.vocabulary import BINARY_LABELS, BONE_NEOPLASM, MODEL_MODALITIES,
 
 MAE_FILE = "models/mae.safetensors"
 ANOMALY_FILE = "models/anomaly.safetensors"
+DOMAIN_FILE = "models/domain.safetensors"
 
 TUMOUR_SLOT = {
     "kind": "binary", "labels": list(BINARY_LABELS), "concept": BONE_NEOPLASM.as_dict(), "weights": None,
@@ -211,6 +213,13 @@ class Model:
                 raise BundleError(f"{self.root}: {an['file']} needs 'mean' and 'std' "
                                   f"over {self.cfg.num_patches} patches")
             self.anomaly_mean, self.anomaly_std = t["mean"].numpy(), t["std"].numpy()
+        dm = self.card.domain
+        self.domain_bank: torch.Tensor | None = None
+        if dm.get("file"):
+            t = load_file(str(self.root / dm["file"]))
+            if "bank" not in t or t["bank"].ndim != 2 or t["bank"].shape[1] != self.cfg.dim:
+                raise BundleError(f"{self.root}: {dm['file']} needs a 'bank' of {self.cfg.dim}-wide patch tokens")
+            self.domain_bank = torch.nn.functional.normalize(t["bank"].float(), dim=-1).to(self.device)
         self.batch_size = 16
 
     # -- identity -------------------------------------------------------------------------
@@ -272,6 +281,24 @@ class Model:
                 t = t[torch.as_tensor(rows, dtype=torch.long, device=t.device)]
             out[n] = {k: v.float().cpu() for k, v in h(t).items()}
         return out
+
+    def domain_scores(self, x: torch.Tensor, tokens: torch.Tensor, geos) -> list:
+        """One :class:`~inference.domain.DomainScore` per image of the batch (None without a memory bank):
+        the mean of the largest nearest-bank distances of the content patches covering the image."""
+        from inference.anomaly import coverage
+        from inference.domain import DomainScore, content_patches, image_scores, nearest_distances, patch_features
+
+        if self.domain_bank is None:
+            return [None] * len(geos)
+        dm = self.card.domain
+        d = nearest_distances(patch_features(tokens), self.domain_bank).cpu().numpy()
+        covered = np.stack([coverage(geo, self.cfg.grid).ravel() >= 0.5 for _, geo in geos])
+        content = covered & content_patches(x, self.cfg.patch_size, float(dm.get("content_std", 0.0))).cpu().numpy()
+        scores = image_scores(d, content, float(dm.get("top_fraction", 0.25)))
+        share = content.sum(1) / np.maximum(covered.sum(1), 1)
+        return [DomainScore(float(s), float(dm["threshold"]), float(c), float(dm.get("min_content_share", 0.0)),
+                            max(geo.rows, geo.columns), int(dm.get("min_side", 0)))
+                for s, c, (_, geo) in zip(scores, share, geos)]
 
     # -- prediction ---------------------------------------------------------------------------
     def predict_datasets(self, datasets, image_ids: list[str] | None = None, heads: set[str] | None = None,
@@ -362,14 +389,18 @@ class Model:
 
     @torch.no_grad()
     def _predict_batch(self, x, geos, ids, want, maps, body_parts):
+        from scipy import ndimage
+
         from inference.anomaly import (
             coverage,
             grid_to_canvas,
             normalise,
+            peak_regions,
             reconstruction_error,
             regions_from_map,
             smooth_grid,
         )
+        from inference.domain import OUTSIDE_DOMAIN, body_part_outside, content_patches
         from inference.heads import probabilities
         from inference.results import BinaryFinding, CategoricalFinding, ImageResult
 
@@ -378,6 +409,15 @@ class Model:
         gate = {n for n in need if self.card.heads[n].applies_to}
         ungated = (need - gate) | ({"anatomy"} if gate and "anatomy" in self.heads else set())
         tokens, taps = self.encode(x, need)
+        # images outside the model's domain (by their pixels, or a header naming a non-MSK region) are declined
+        declined = {}
+        for (i, _), dscore in zip(geos, self.domain_scores(x, tokens, geos)):
+            body_part = body_parts[i] if body_parts else ""
+            if dscore is not None and dscore.outside:
+                declined[i] = dscore.reason()
+            elif body_part_outside(body_part):
+                declined[i] = (f"{OUTSIDE_DOMAIN}: BodyPartExamined names a region the model was not "
+                               f"trained on")
         outs = self.run_heads(tokens, ungated, taps)
         anatomy_labels = [None] * len(geos)
         if "anatomy" in outs:
@@ -417,17 +457,33 @@ class Model:
                     finding = CategoricalFinding(name=name, labels=spec.labels,
                                                  probabilities=tuple(float(v) for v in p),
                                                  concepts=spec.label_concepts,
-                                                 rule=spec.decision)
+                                                 rule=spec.decision,
+                                                 floor=float(spec.arch.get("confidence_floor", 0.0)))
                 if name in ("fracture", "tumour", "kl_grade", "anatomy", "view"):
                     kw[name] = finding
                 if maps and "patch_logits" in o and name == "fracture":
                     pm = torch.sigmoid(o["patch_logits"][row]).numpy().reshape(g, g)
-                    pm = pm * (coverage(geo, g) >= float(an.get("min_coverage", 0.5)))
+                    valid = coverage(geo, g) >= float(an.get("min_coverage", 0.5))
+                    if int(spec.arch.get("erode_patches", 0)):  # the image's edge: collimation, markers, text
+                        valid = ndimage.binary_erosion(valid, iterations=int(spec.arch["erode_patches"]),
+                                                       border_value=0)
+                    if spec.arch.get("flat_std") is not None:  # blank collimation, saturation, and the ring by them
+                        flat = ~content_patches(x[b:b + 1], self.cfg.patch_size, float(spec.arch["flat_std"]))[0]
+                        flat = flat.cpu().numpy().reshape(g, g)
+                        if int(spec.arch.get("flat_dilate", 0)):
+                            flat = ndimage.binary_dilation(flat, iterations=int(spec.arch["flat_dilate"]))
+                        valid = valid & ~flat
+                    pm = pm * valid
                     pm = smooth_grid(pm, float(spec.arch.get("smooth_patches", 0.6)))
                     canvas = grid_to_canvas(pm, geo.size, 0.0)
                     # bilinear from the patch grid: a convex combination, so it stays within 0..1
                     kw["fracture_map"] = geo.map_to_source(pm)
-                    if finding.decision != "absent":  # boxes only where the head calls a fracture
+                    if finding.decision != "absent" and spec.arch.get("region_rule") == "peak":
+                        # the call says whether, the map where: its strongest place is always reported
+                        kw["fracture_regions"] = peak_regions(
+                            canvas, geo, float(spec.arch.get("region_relative", 0.5)), "fracture",
+                            int(spec.arch.get("max_regions", 2)), float(spec.arch.get("second_region", 0.5)))
+                    elif finding.decision != "absent":  # boxes only where the head calls a fracture
                         kw["fracture_regions"] = regions_from_map(
                             canvas, geo, float(spec.arch.get("region_threshold", 0.5)), "fracture")
             if errs is not None and maps:
@@ -436,7 +492,14 @@ class Model:
                 m = np.clip(smooth_grid(z, float(an.get("smooth_patches", 0.6))) / float(an.get("z_max", 6.0)), 0, 1)
                 canvas = grid_to_canvas(m, geo.size, 0.0)
                 kw["anomaly_map"] = geo.map_to_source(m)
-                kw["regions"] = regions_from_map(canvas, geo, float(an.get("region_threshold", 0.5)), "anomaly")
+                if an.get("not_a_localiser"):  # measured not to localise: a map to look at, no regions as findings
+                    kw["anomaly_note"] = "reconstruction error of the masked autoencoder; not a localiser: " + \
+                        str(an["not_a_localiser"])
+                else:
+                    kw["regions"] = regions_from_map(canvas, geo, float(an.get("region_threshold", 0.5)), "anomaly")
+            if i in declined:  # no findings, no maps: the model cannot read this image
+                results[i] = ImageResult.not_processed(ids[i], declined[i], geo.rows, geo.columns)
+                continue
             results[i] = ImageResult(image_id=ids[i], rows=geo.rows, columns=geo.columns, **kw)
         return results
 

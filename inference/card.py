@@ -73,6 +73,7 @@ class Card:
             self.preprocessing = dict(node["preprocessing"])
             self.weights = dict(node["weights"])  # file -> sha256
             self.anomaly = dict(node["anomaly"])
+            self.domain = dict(node.get("domain") or {})  # the out-of-domain decline (inference.domain)
             self.manufacturer = str(node.get("manufacturer", "msk-dicom-node project"))
             heads = node["heads"]
         except (KeyError, TypeError, ValueError) as exc:
@@ -89,6 +90,13 @@ class Card:
             self.heads[name] = self._head(name, h, where)
         if self.anomaly.get("file") and self.anomaly["file"] not in self.weights:
             raise BundleError(f"{where}: anomaly file {self.anomaly['file']!r} has no sha256 in weights")
+        if self.domain.get("file") and self.domain["file"] not in self.weights:
+            raise BundleError(f"{where}: domain file {self.domain['file']!r} has no sha256 in weights")
+        if self.domain.get("file"):
+            try:
+                float(self.domain["threshold"]), float(self.domain.get("top_fraction", 0.25))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BundleError(f"{where}: domain needs a numeric threshold ({exc})") from exc
 
     def _head(self, name: str, h: dict, where: str) -> HeadSpec:
         w = f"{where}: heads.{name}"

@@ -97,6 +97,7 @@ class CategoricalFinding:
     probabilities: tuple[float, ...]
     concepts: tuple[CodedConcept, ...] | None = None  # one per label, same order
     rule: str = "argmax"  # how the label is read: "argmax", or "median" for ordered labels (see decide)
+    floor: float = 0.0  # confidence below which the answer is reported as uncertain (the card's confidence_floor)
 
     def __post_init__(self) -> None:
         if len(self.labels) != len(self.probabilities):
@@ -120,11 +121,22 @@ class CategoricalFinding:
     def concept(self) -> CodedConcept | None:
         return self.concepts[self.index] if self.concepts else None
 
+    @property
+    def uncertain(self) -> bool:
+        """The model's answer is below the card's confidence floor: reported as uncertain, not as a label."""
+        return self.confidence < self.floor
+
+    @property
+    def shown(self) -> str:
+        """What a report says: the label, or "uncertain (most likely <label>)" below the floor."""
+        return f"uncertain (most likely {self.label})" if self.uncertain else self.label
+
     def to_json(self) -> dict:
         return {
             "name": self.name,
             "label": self.label,
             "confidence": self.confidence,
+            "uncertain": self.uncertain,
             "probabilities": dict(zip(self.labels, map(float, self.probabilities))),
         }
 
@@ -194,6 +206,7 @@ class ImageResult:
     fracture_map: np.ndarray | None = field(default=None, repr=False, compare=False)
     regions: tuple[Region, ...] = ()  # anomaly regions
     fracture_regions: tuple[Region, ...] = ()
+    anomaly_note: str | None = None  # what the anomaly map is not (the card's anomaly.not_a_localiser)
 
     @classmethod
     def not_processed(cls, image_id: str, reason: str, rows: int = 0, columns: int = 0) -> ImageResult:
@@ -232,4 +245,5 @@ class ImageResult:
             "regions": [r.to_json() for r in self.regions],
             "fracture_regions": [r.to_json() for r in self.fracture_regions],
             "not_localised": [f.name for f in self.not_localised()],
+            **({"anomaly_map_note": self.anomaly_note} if self.anomaly_note and self.anomaly_map is not None else {}),
         }

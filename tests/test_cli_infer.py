@@ -34,9 +34,15 @@ def test_infer_writes_json_and_heatmaps(tmp_path):
     shutil.copy(get_testdata_file("RG3_J2KR.dcm"), src / "leg.dcm")
     shutil.copy(get_testdata_file("RG1_J2KI.dcm"), src / "sub" / "chest.dcm")
     out = tmp_path / "out"
-    p = run("infer", src, "--out", out, "--json", check_rc=0)
+    p = run("infer", src, "--out", out, "--json", check_rc=3)
     docs = json.loads(p.stdout)
-    assert len(docs) == 2 and all(d["processed"] for d in docs)
+    # the chest radiograph is outside the model's domain: declined, no findings, no regions, no heatmap
+    chest = next(d for d in docs if d["source"].endswith("chest.dcm"))
+    assert not chest["processed"] and chest["reason"].startswith("outside the model's domain")
+    assert chest["findings"] == {} and chest["regions"] == [] and chest["fracture_regions"] == []
+    assert "heatmap_png" not in chest
+    docs = [d for d in docs if d is not chest]
+    assert len(docs) == 1 and all(d["processed"] for d in docs)
     for d in docs:
         ds = pydicom.dcmread(d["source"], stop_before_pixels=True)
         assert (d["rows"], d["columns"]) == (ds.Rows, ds.Columns)
@@ -186,7 +192,9 @@ def test_infer_uses_the_routing_rules_of_config(tmp_path):
     chest, leg = json.loads(p.stdout)
     assert not chest["processed"] and chest["reason"] == "routing rule 'no-chest'"
     assert leg["processed"] and set(leg["findings"]) == {"anatomy"}
-    # without --config the default rule applies: both processed, every head
+    # without --config the default rule applies: every head on the leg; the chest declined by its pixels
     p = run("infer", get_testdata_file("RG1_J2KI.dcm"), get_testdata_file("RG3_J2KR.dcm"), "--out", out, "--json",
-            check_rc=0)
-    assert {"fracture", "anatomy", "view"} <= set(json.loads(p.stdout)[1]["findings"])
+            check_rc=3)
+    chest, leg = json.loads(p.stdout)
+    assert not chest["processed"] and chest["reason"].startswith("outside the model's domain")
+    assert {"fracture", "anatomy", "view"} <= set(leg["findings"])

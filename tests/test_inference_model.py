@@ -26,14 +26,21 @@ def model():
     return load_bundle(device="cpu")
 
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "fracatlas" / "images"
+
+
 @pytest.fixture(scope="module")
 def rg():
-    return [pydicom.dcmread(get_testdata_file(n)) for n in ("RG3_J2KI.dcm", "RG1_J2KR.dcm")]
+    """An ankle CR (pydicom-data RG3) and a FracAtlas hand as DX (tests/fixtures): both in the model's domain
+    (RG1, the chest radiograph, is declined: see test_inference_domain.py)."""
+    from tests.dicomgen import dx_from_image
+
+    return [pydicom.dcmread(get_testdata_file("RG3_J2KI.dcm")), dx_from_image(FIXTURES / "IMG0000015.jpg")]
 
 
 @pytest.fixture(scope="module")
 def results(model, rg):
-    return model.predict_datasets(rg, ["rg3", "rg1"])
+    return model.predict_datasets(rg, ["rg3", "hand"])
 
 
 def test_default_bundle_identity_and_card(model):
@@ -124,9 +131,11 @@ def test_knee_only_head_runs_on_the_knees_of_a_batch_only(model, rg):
             model.run_heads(model.tokens(x), {"kl_grade"})
 
 
-def test_rgb_secondary_capture_is_processed(model):
+def test_rgb_secondary_capture_is_declined(model):
+    """A 100-pixel colour secondary capture is no radiograph the model reads: declined, no findings."""
     res, = model.predict_datasets([pydicom.dcmread(get_testdata_file("SC_rgb.dcm"))])
-    assert res.processed and res.anomaly_map.shape == (100, 100)
+    assert not res.processed and res.reason.startswith("outside the model's domain")
+    assert res.findings() == [] and res.anomaly_map is None and (res.rows, res.columns) == (100, 100)
 
 
 def test_same_image_same_result(model, rg, results):

@@ -68,7 +68,7 @@ def binary_text(f: BinaryFinding, localised: bool = True) -> str:
 
 
 def categorical_text(f: CategoricalFinding) -> str:
-    return f"{_pretty(f.name)}: {f.label} ({f.confidence:.2f})"
+    return f"{_pretty(f.name)}: {f.shown} ({f.confidence:.2f})"
 
 
 def findings_line(result: ImageResult) -> str:
@@ -355,7 +355,7 @@ def _cell(f, binary: bool) -> tuple[str, tuple[int, int, int]]:
     if binary:
         colour = {"definite": enum.DEFINITE, "suspected": enum.SUSPECTED}.get(f.decision, enum.ABSENT)
         return (f"{f.decision} ({f.probability:.2f})", colour)
-    return f"{f.label} ({f.confidence:.2f})", enum.TEXT
+    return f"{f.shown} ({f.confidence:.2f})", enum.TEXT
 
 
 def _regions_cell(r: ImageResult) -> str:

@@ -207,6 +207,9 @@ def image_group(ds: Dataset, result: ImageResult, identity: ResultIdentity, algo
     for cat in (result.kl_grade, result.anatomy, result.view):
         if cat is None:
             continue
+        if cat.uncertain:  # below the card's confidence floor: no coded answer, only the probabilities
+            others += [_percent(label_concept(cat, i), cat.probabilities[i], algo) for i in range(len(cat.labels))]
+            continue
         evaluations.append(hd.sr.QualitativeEvaluation(finding_concept(cat.name, overrides),
                                                        label_concept(cat, cat.index)))
         # the chosen label first (the line a viewer shows), the others after the calls
@@ -223,6 +226,8 @@ def image_group(ds: Dataset, result: ImageResult, identity: ResultIdentity, algo
     )
     for f in result.not_localised():
         _append_text(group, enum.LOCALISATION, f"{binary_concept(f, overrides).meaning}: {enum.NOT_LOCALISED_TEXT}")
+    if result.anomaly_map is not None and result.anomaly_note:
+        _append_text(group, enum.ANOMALY_MAP_NOTE, result.anomaly_note)
     return for_viewers(group, image_comment(result, image_number, overrides))
 
 
@@ -240,8 +245,9 @@ def image_comment(result: ImageResult, image_number: int, overrides: Mapping[str
              for p, f in zip(parts, [f for f in (result.fracture, result.tumour) if f is not None])]
     for cat in (result.kl_grade, result.anatomy, result.view):
         if cat is not None:
-            parts.append(f"{finding_concept(cat.name, overrides).meaning}: {label_concept(cat, cat.index).meaning} "
-                         f"({cat.confidence:.2f})")
+            said = label_concept(cat, cat.index).meaning
+            said = f"uncertain (most likely {said})" if cat.uncertain else said
+            parts.append(f"{finding_concept(cat.name, overrides).meaning}: {said} ({cat.confidence:.2f})")
     return f"Image {image_number}: " + ("; ".join(parts) if parts else "no findings reported")
 
 

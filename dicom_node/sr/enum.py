@@ -101,6 +101,8 @@ COMMENT = Code("121106", "DCM", "Comment")
 #: Text of a positive finding that no region localises.
 LOCALISATION = private("LOCALISATION", "Localisation")
 NOT_LOCALISED_TEXT = "not localised"
+#: What the anomaly map (the heatmap capture) is and is not, from the model's card (issue 17: not a localiser).
+ANOMALY_MAP_NOTE = private("ANOMMAPNOTE", "Anomaly map")
 
 #: How a viewer names a binary finding's probability: the finding and the call, so that the line a viewer
 #: draws next to the box reads "Fracture of bone, definite: 72.00 %". A private concept per (finding,

@@ -65,6 +65,34 @@ def box_share(boxes_px, rows: int, cols: int) -> float:
     return float(mask.mean())
 
 
+def region_centre_hits(region, boxes_px) -> list[int]:
+    """Indices of the boxes that contain the centre of ``region``'s box."""
+    x0, y0, x1, y1 = region.box
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return [k for k, (a, b, c, d) in enumerate(boxes_px) if a <= cx <= c and b <= cy <= d]
+
+
+def froc(candidates: list[tuple[float, int, list[int]]], n_images: int, n_boxes: int,
+         rates=(0.5, 1.0, 2.0)) -> dict:
+    """Free-response figure: ``candidates`` (score, image, boxes its centre lies in) of every reported region;
+    the share of true boxes hit by a region scoring at least t, at the t where the false-positive regions
+    (centre in no box) per image reach each of ``rates`` (the highest sensitivity reached, where the regions
+    run out before that rate: then ``fp_per_image_reached`` says how far they went)."""
+    hit: set = set()
+    fps = 0
+    sens = {r: 0.0 for r in rates}
+    for _score, image, boxes in sorted(candidates, key=lambda c: -c[0]):
+        if boxes:
+            hit.update((image, k) for k in boxes)
+        else:
+            fps += 1
+        for r in rates:
+            if fps / max(n_images, 1) <= r:
+                sens[r] = len(hit) / max(n_boxes, 1)
+    return {"sensitivity_at_fp_per_image": {str(r): sens[r] for r in rates},
+            "fp_per_image_reached": fps / max(n_images, 1), "boxes": n_boxes, "images": n_images}
+
+
 def predict_records(model, records: list[D.Record], batch: int = 32):
     results = []
     t0 = time.time()
@@ -79,19 +107,36 @@ def predict_records(model, records: list[D.Record], batch: int = 32):
 def split_metrics(model, records: list[D.Record], results) -> dict:
     from sklearn.metrics import cohen_kappa_score, confusion_matrix
 
+    from inference.domain import OUTSIDE_DOMAIN
+
     m: dict = {"images": len(records)}
     card = model.card
+    declined = [not res.processed and (res.reason or "").startswith(OUTSIDE_DOMAIN) for res in results]
+    src = np.array([r.source for r in records])
+    m["domain"] = {"declined": int(sum(declined)), "decline_rate": float(np.mean(declined)) if declined else 0.0,
+                   "decline_rate_by_source": {s: float(np.mean(np.array(declined)[src == s]))
+                                              for s in sorted(set(src))}}
     frac = [(r, res) for r, res in zip(records, results) if r.fractured >= 0 and res.fracture is not None]
     if frac:
         y = np.array([r.fractured for r, _ in frac])
         p = np.array([res.fracture.probability for _, res in frac])
         m["fracture"] = binary_metrics(y, p, card.heads["fracture"].operating_points)
         # localisation: share of fractured images with boxes whose map peak falls inside a box
-        hits_a, hits_f, hits_c, shares = [], [], [], []
-        for r, res in frac:
+        hits_a, hits_f, hits_c, hits_r, shares = [], [], [], [], []
+        candidates: list = []
+        n_boxes = 0
+        for k, (r, res) in enumerate(frac):
+            bx = ([(x0 * res.columns, y0 * res.rows, x1 * res.columns, y1 * res.rows) for x0, y0, x1, y1 in r.boxes]
+                  if r.fractured == 1 else [])
+            # every reported fracture region (the node reports them on suspected and definite calls),
+            # scored by the call's probability times the region's map score
+            reported = [g for g in res.reported_regions() if g.source == "fracture"]
+            candidates += [(res.fracture.probability * g.score, k, region_centre_hits(g, bx)) for g in reported]
+            n_boxes += len(bx)
             if r.fractured != 1 or not r.boxes:
                 continue
-            bx = [(x0 * res.columns, y0 * res.rows, x1 * res.columns, y1 * res.rows) for x0, y0, x1, y1 in r.boxes]
+            # reported fracture region hit: a region the node reports has its centre inside a true box
+            hits_r.append(any(region_centre_hits(g, bx) for g in reported))
             shares.append(box_share(bx, res.rows, res.columns))
             # a map that always peaks at the image's centre: what a hit rate must beat besides the box share
             hits_c.append(point_in_boxes(res.columns / 2, res.rows / 2, bx))
@@ -106,6 +151,8 @@ def split_metrics(model, records: list[D.Record], results) -> dict:
                 "centre_hit_rate": float(np.mean(hits_c)),
                 "anomaly_map_hit_rate": float(np.mean(hits_a)) if hits_a else None,
                 "fracture_map_hit_rate": float(np.mean(hits_f)) if hits_f else None,
+                "fracture_region_hit_rate": float(np.mean(hits_r)),
+                "fracture_region_froc": froc(candidates, len(frac), n_boxes),
             }
     kl = [(r, res) for r, res in zip(records, results) if r.kl >= 0]
     if kl and "kl_grade" in model.heads:
@@ -174,6 +221,11 @@ def headline(metrics: dict) -> dict:
         h["fracture_map_hit_rate"] = metrics["localisation"]["fracture_map_hit_rate"]
         h["box_share_of_image"] = metrics["localisation"]["box_share_of_image"]
         h["centre_hit_rate"] = metrics["localisation"]["centre_hit_rate"]
+        h["fracture_region_hit_rate"] = metrics["localisation"]["fracture_region_hit_rate"]
+        for rate, sens in metrics["localisation"]["fracture_region_froc"]["sensitivity_at_fp_per_image"].items():
+            h[f"fracture_region_sensitivity_at_{rate}_fp"] = sens
+    if "domain" in metrics:
+        h["outside_domain_decline_rate"] = metrics["domain"]["decline_rate"]
     return h
 
 

@@ -207,6 +207,10 @@ def render(root: str | Path) -> str:
         "kl": details.get("kl_grade", {}),
         "misses": [label for label, value, target, met in target_rows(val) if not met],
         "minutes": _minutes(tr), "label_efficiency": vm.get("label_efficiency"), "anomaly": node.get("anomaly", {}),
+        "domain": node.get("domain", {}), "domain_val": details.get("domain", {}),
+        "localisation": details.get("localisation", {}), "regions": card.heads["fracture"].arch
+        if "fracture" in card.heads else {},
+        "anatomy_floor": card.heads["anatomy"].arch.get("confidence_floor") if "anatomy" in card.heads else None,
         "weights": sorted(card.weights.items()),
     }
     return _environment().get_template(TEMPLATE).render(context)
