@@ -180,7 +180,7 @@ def build_result_objects(source_datasets: Sequence[Dataset], results: Sequence[I
     instance_number = 2  # the summary page is instance 1
     labels = [image_label(ds) for ds in sources]
     for ds, result, shown, pixels in _heatmaps(sources, results, model, displays, labels):
-        _, map_label = sc_content.choose_map(result)
+        map_label = sc_content.map_label(result)
         derivation = (f"{map_label or 'no'} map of {model.name} {model.version} blended over the source image as "
                       f"displayed (VOI applied); fracture boxes: solid = definite, dotted = suspected")
         sop_uid = str(ds.SOPInstanceUID)

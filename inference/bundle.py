@@ -402,6 +402,7 @@ class Model:
         )
         from inference.domain import OUTSIDE_DOMAIN, body_part_outside, content_patches
         from inference.heads import probabilities
+        from inference.preprocess import SourceMap
         from inference.results import BinaryFinding, CategoricalFinding, ImageResult
 
         x = x.to(self.device)
@@ -477,7 +478,7 @@ class Model:
                     pm = smooth_grid(pm, float(spec.arch.get("smooth_patches", 0.6)))
                     canvas = grid_to_canvas(pm, geo.size, 0.0)
                     # bilinear from the patch grid: a convex combination, so it stays within 0..1
-                    kw["fracture_map"] = geo.map_to_source(pm)
+                    kw["fracture_map"] = SourceMap(pm, geo)  # made at full size only if read so
                     if finding.decision != "absent" and spec.arch.get("region_rule") == "peak":
                         # the call says whether, the map where: its strongest place is always reported
                         kw["fracture_regions"] = peak_regions(
@@ -491,7 +492,7 @@ class Model:
                               float(an.get("min_coverage", 0.5)), int(an.get("erode_patches", 0)))
                 m = np.clip(smooth_grid(z, float(an.get("smooth_patches", 0.6))) / float(an.get("z_max", 6.0)), 0, 1)
                 canvas = grid_to_canvas(m, geo.size, 0.0)
-                kw["anomaly_map"] = geo.map_to_source(m)
+                kw["anomaly_map"] = SourceMap(m, geo)
                 if an.get("not_a_localiser"):  # measured not to localise: a map to look at, no regions as findings
                     kw["anomaly_note"] = "reconstruction error of the masked autoencoder; not a localiser: " + \
                         str(an["not_a_localiser"])

@@ -56,20 +56,76 @@ class Geometry:
                 float(np.clip((x1 - self.off_x) * sx, 0, self.columns)),
                 float(np.clip((y1 - self.off_y) * sy, 0, self.rows)))
 
-    def map_to_source(self, grid: np.ndarray) -> np.ndarray:
-        """A map over the canvas (any square resolution) -> float32 ``(rows, columns)``, bilinear."""
+    def map_to_source(self, grid: np.ndarray, rows: int | None = None, columns: int | None = None) -> np.ndarray:
+        """A map over the canvas (any square resolution) -> float32 ``(rows, columns)``, bilinear: the source
+        geometry, or (``rows``, ``columns`` given) the source image's area at that size (a display of it)."""
+        rows = self.rows if rows is None else rows
+        columns = self.columns if columns is None else columns
         grid = np.asarray(grid, dtype=np.float32)
         f = grid.shape[0] / self.size
         y0, x0 = self.off_y * f, self.off_x * f
         y1, x1 = (self.off_y + self.height) * f, (self.off_x + self.width) * f
-        # separable bilinear interpolation at the source pixel centres (edge-clamped); gathers, no BLAS
-        ly, hy, ty = _bilinear_taps(self.rows, y0, y1, grid.shape[0])
-        lx, hx, tx = _bilinear_taps(self.columns, x0, x1, grid.shape[1])
+        # separable bilinear interpolation at the output pixel centres (edge-clamped); gathers, no BLAS
+        ly, hy, ty = _bilinear_taps(rows, y0, y1, grid.shape[0])
+        lx, hx, tx = _bilinear_taps(columns, x0, x1, grid.shape[1])
         a = grid[ly] * (1.0 - ty)[:, None] + grid[hy] * ty[:, None]  # (rows, g)
         out = np.take(a, lx, axis=1)
         out *= (1.0 - tx)[None, :]
         out += np.take(a, hx, axis=1) * tx[None, :]
         return out
+
+
+class SourceMap:
+    """A map over the model's canvas, in the source geometry when it is read: ``shape`` (rows, columns) and
+    float32 like the array it stands for, which is made (once) when something reads its values
+    (``np.asarray(m)``, ``m.max()``...). :meth:`at` gives it directly at a display's size, so that a capture of a
+    4-megapixel image never makes the full-size map only to shrink it."""
+
+    __slots__ = ("_grid", "_geometry", "_full")
+
+    def __init__(self, grid: np.ndarray, geometry: Geometry):
+        self._grid = np.asarray(grid, dtype=np.float32)
+        self._geometry = geometry
+        self._full: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self._geometry.rows, self._geometry.columns)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def at(self, rows: int, columns: int) -> np.ndarray:
+        """The map over the source image's area at ``rows`` x ``columns`` pixels (bilinear from the grid)."""
+        if (rows, columns) == self.shape:
+            return self.full()
+        return self._geometry.map_to_source(self._grid, rows, columns)
+
+    def full(self) -> np.ndarray:
+        if self._full is None:
+            self._full = self._geometry.map_to_source(self._grid)
+        return self._full
+
+    def __array__(self, dtype=None, copy=None):
+        full = self.full()
+        return full if dtype is None else full.astype(dtype, copy=False)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # pickling and copying look these up before __init__ has run
+            raise AttributeError(name)
+        return getattr(self.full(), name)
+
+    def __getstate__(self):
+        return (self._grid, self._geometry)
+
+    def __setstate__(self, state) -> None:
+        self._grid, self._geometry = state
+        self._full = None
 
 
 def _bilinear_taps(n_out: int, start: float, stop: float, n_in: int):

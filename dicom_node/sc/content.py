@@ -162,16 +162,32 @@ def layout(rows: int, columns: int, n_text_lines: int = 3, max_side: int = enum.
 
 
 # -- heatmap ---------------------------------------------------------------------------------------------
-def choose_map(result: ImageResult) -> tuple[np.ndarray | None, str]:
-    """The map drawn on the heatmap: the fracture map if there is one, else the anomaly map."""
+def choose_map(result: ImageResult, size: tuple[int, int] | None = None) -> tuple[np.ndarray | None, str]:
+    """The map drawn on the heatmap: the fracture map if there is one, else the anomaly map; in the source
+    geometry, or at ``size`` (height, width: the capture's image part), made there directly where the model
+    keeps the map on its grid (:class:`inference.preprocess.SourceMap`), else resized bilinearly."""
     for arr, label in ((result.fracture_map, "fracture localisation"),
                        (result.anomaly_map, "anomaly (reconstruction error)")):  # legend: "<label> map"
         if arr is not None:
-            arr = np.asarray(arr, dtype=np.float32)
-            if arr.shape != (result.rows, result.columns):
-                raise EncodingError(f"{label} map has shape {arr.shape}, the image is {(result.rows, result.columns)}")
-            return np.nan_to_num(np.clip(arr, 0.0, 1.0)), label
+            if tuple(arr.shape) != (result.rows, result.columns):
+                raise EncodingError(f"{label} map has shape {tuple(arr.shape)}, the image is "
+                                    f"{(result.rows, result.columns)}")
+            if size is None or tuple(size) == (result.rows, result.columns):
+                out = np.asarray(arr, dtype=np.float32)
+            elif hasattr(arr, "at"):
+                out = arr.at(*size)
+            else:
+                out = np.asarray(Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32)).resize(
+                    (size[1], size[0]), Image.Resampling.BILINEAR))
+            return np.nan_to_num(np.clip(out, 0.0, 1.0)), label
     return None, ""
+
+
+def map_label(result: ImageResult) -> str:
+    """The name of the map :func:`choose_map` draws ("" for none), without making the map."""
+    if result.fracture_map is not None:
+        return "fracture localisation"
+    return "anomaly (reconstruction error)" if result.anomaly_map is not None else ""
 
 
 def blend(display: np.ndarray, heat: np.ndarray | None) -> np.ndarray:
@@ -248,8 +264,8 @@ def render_heatmap(display: np.ndarray, result: ImageResult, model: ModelInfo, t
     if display.dtype != np.uint8 or not _same_image(display.shape, result.rows, result.columns):
         raise EncodingError(f"display image {display.shape} {display.dtype} does not match the result "
                             f"({result.rows}, {result.columns}) uint8")
-    heat, map_label = choose_map(result)
     lay, text_lines = heatmap_layout(result, model, title, max_side)
+    heat_small, map_label = choose_map(result, (lay.image_height, lay.width))  # the map at the capture's size
     if display.shape != (result.rows, result.columns) and max(display.shape) < max(lay.width, lay.image_height):
         raise EncodingError(f"display image {display.shape} is a reduced decode smaller than the capture "
                             f"({lay.image_height}, {lay.width})")
@@ -259,12 +275,6 @@ def render_heatmap(display: np.ndarray, result: ImageResult, model: ModelInfo, t
     size = (lay.width, lay.image_height)
     img = Image.fromarray(display).resize(size, Image.Resampling.LANCZOS if lay.scale < 1 else
                                           Image.Resampling.BILINEAR)
-    if heat is not None:
-        heat_image = Image.fromarray(np.ascontiguousarray(heat, dtype=np.float32))
-        heat_small = np.asarray(heat_image.resize(size, Image.Resampling.BILINEAR))
-        heat_small = np.clip(heat_small, 0.0, 1.0)
-    else:
-        heat_small = None
     canvas = Image.new("RGB", (lay.canvas_width, lay.height), enum.PANEL)
     canvas.paste(Image.fromarray(blend(np.asarray(img), heat_small)), (0, 0))
     draw = ImageDraw.Draw(canvas)
@@ -310,7 +320,7 @@ def render_heatmap(display: np.ndarray, result: ImageResult, model: ModelInfo, t
     for t in text_lines[1:]:
         draw.text((pad, y), t, font=fnt, fill=enum.TEXT)
         y += line
-    _legend(draw, pad, y + lay.font_size // 4, lay, fnt, map_label if heat is not None else "", line_width)
+    _legend(draw, pad, y + lay.font_size // 4, lay, fnt, map_label if heat_small is not None else "", line_width)
     return np.asarray(canvas, dtype=np.uint8)
 
 
