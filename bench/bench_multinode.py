@@ -171,8 +171,8 @@ def main() -> int:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-multinode-"))
-    studies = [write_dx_study(work / "studies" / f"s{i:03d}", fracatlas_images(1, offset=i), patient_id=f"B{i:03d}")
-               for i in range(args.studies)]
+    studies = [write_dx_study(work / "studies" / f"s{i:03d}", fracatlas_images(1, offset=i, readable=True),
+                              patient_id=f"B{i:03d}") for i in range(args.studies)]
     rx_files = write_dx_study(work / "rx", fracatlas_images(args.images), scale=args.scale)
     rx_mb = sum(f.stat().st_size for f in rx_files) / 1e6
     with postgres.Postgres() as pg:

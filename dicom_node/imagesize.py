@@ -9,17 +9,12 @@ size it declares is checked:
   its first bytes, must declare the image's own Rows and Columns: a decoder allocates what the
   codestream says, not what the DICOM header says.
 
-A data set in the Deflated Explicit VR Little Endian transfer syntax is another bomb: a megabyte on the
-wire can inflate to gigabytes when it is parsed. :func:`check_inflated_size` inflates it in chunks,
-keeping none of the output, and refuses it past the limit before anything parses it.
-
 Only headers are parsed: nothing here allocates in proportion to a declared size.
 """
 
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -52,36 +47,6 @@ class DeclaredSize:
     @property
     def pixels(self) -> int:
         return self.rows * self.columns * self.frames
-
-
-def check_inflated_size(stream, limit: int, chunk: int = 1 << 20) -> int:
-    """The size of the deflated data set read from the binary file-like ``stream`` (from its start; its position
-    is restored) once inflated, without keeping it. Raises :class:`DeclaredSizeError` past ``limit`` bytes, or
-    when it is not a deflate stream."""
-    start = stream.tell()
-    stream.seek(0)
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    total = 0
-    try:
-        while True:
-            data = stream.read(chunk)
-            if not data:
-                break
-            while data:
-                total += len(inflater.decompress(data, chunk))  # at most one chunk out at a time
-                if total > limit:
-                    raise DeclaredSizeError(f"the deflated data set inflates past {limit} bytes")
-                data = inflater.unconsumed_tail
-            if inflater.eof:
-                break
-        total += len(inflater.flush())
-    except zlib.error:
-        raise DeclaredSizeError("the deflated data set is not a deflate stream") from None
-    finally:
-        stream.seek(start)
-    if total > limit:
-        raise DeclaredSizeError(f"the deflated data set inflates past {limit} bytes")
-    return total
 
 
 def j2k_size(data: bytes) -> tuple[int, int] | None:

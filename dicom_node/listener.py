@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, cast
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
@@ -367,12 +366,6 @@ class Listener:
         if not valid_uid(sop_instance):
             raise InvalidDataset("Affected SOP Instance UID is not a valid UID")
         self.store.check_space()
-        if str(context.transfer_syntax) == DeflatedExplicitVRLittleEndian:
-            # a deflate bomb: inflated in chunks, and refused past the limit, before pydicom parses it
-            try:
-                imagesize.check_inflated_size(request.DataSet, self.cfg.limits.max_dataset_mb << 20)
-            except imagesize.DeclaredSizeError as exc:
-                raise ImageTooLarge(f"refused before decoding: {exc} (limits.max_dataset_mb)") from None
         try:
             ds = event.dataset
         except Exception as exc:

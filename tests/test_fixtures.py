@@ -57,3 +57,17 @@ def test_runs_wrap_around_the_set_and_build_distinct_instances():
     assert len(images) == 30 and images[0] == distinct[5 % len(distinct)]
     a, b = dx_from_image(images[0]), dx_from_image(images[len(distinct)])
     assert a.PixelData == b.PixelData and a.SOPInstanceUID != b.SOPInstanceUID
+
+
+def test_the_fixtures_the_shipped_model_declines_are_the_listed_ones():
+    """tests.dicomgen.DECLINED_FIXTURES names exactly the fixture radiographs the shipped model declines as outside
+    its domain (tests that need results leave them out)."""
+    from inference import load_bundle
+    from inference.pixels import display_uint8
+    from tests.dicomgen import DECLINED_FIXTURES, dx_from_image, fracatlas_images
+
+    model = load_bundle(device="cpu")
+    images = sorted(set(fracatlas_images(12)))
+    results = model.predict_arrays([display_uint8(dx_from_image(p)) for p in images], [p.name for p in images])
+    assert {p.name for p, r in zip(images, results) if not r.processed} == set(DECLINED_FIXTURES)
+    assert DECLINED_FIXTURES.isdisjoint(p.name for p in fracatlas_images(24, readable=True))

@@ -106,7 +106,8 @@ def test_two_nodes_behind_haproxy_one_killed_every_result_exactly_once(tmp_path)
         # 40 studies of one small DX image each, in Orthanc
         ids = []
         for i in range(N_STUDIES):
-            [f] = write_dx_study(tmp_path / "src" / f"s{i:02d}", fracatlas_images(1, offset=i), patient_id=f"MN{i:02d}")
+            [f] = write_dx_study(tmp_path / "src" / f"s{i:02d}", fracatlas_images(1, offset=i, readable=True),
+                                 patient_id=f"MN{i:02d}")
             ids.append(pacs.upload(f)["ID"])
         uids = {pacs.get(f"/instances/{i}/simplified-tags")["StudyInstanceUID"] for i in ids}
         assert len(uids) == N_STUDIES
