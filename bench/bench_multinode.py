@@ -43,17 +43,6 @@ from tests.nodeproc import NodeProcess, node_config  # noqa: E402
 from tests.peers import Storescp, free_port, require, wait_until  # noqa: E402
 
 
-def ready(node: NodeProcess) -> bool:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(node.http_url + "/readyz", timeout=5) as rsp:
-            return rsp.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def states(index: Index) -> dict[str, tuple[str, str | None]]:
     with index.db.read() as s:
         return {r.StudyInstanceUID: (r.state, r.claimed_by) for r in s.scalars(select(Study))}
@@ -97,7 +86,7 @@ def throughput(work: Path, pg: postgres.Postgres, studies: list[list[Path]], ext
             for n in nodes:
                 n.start()
             for n in nodes:
-                wait_until(lambda n=n: ready(n), timeout=300, what="workers ready", interval=0.5)
+                wait_until(n.ready, timeout=300, what="workers ready", interval=0.5)
             t0 = time.perf_counter()
             for files in studies:
                 storescu(nodes[0].port, files)
@@ -122,7 +111,7 @@ def takeover(work: Path, pg: postgres.Postgres, lease: float) -> float:
         try:
             for n in (a, w):
                 n.start()
-                wait_until(lambda n=n: ready(n), timeout=300, what="workers ready", interval=0.5)
+                wait_until(n.ready, timeout=300, what="workers ready", interval=0.5)
             storescu(a.port, big)
             uid, (_, holder) = wait_until(lambda: next(((u, v) for u, v in states(index).items()
                                                         if v[0] == "inferring"), None),

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 import pydicom  # noqa: E402
 
-from tests.dicomgen import copy_with_new_uids, dx_from_image, fracatlas_images, write_dx_study  # noqa: E402
+from tests.dicomgen import copy_with_new_uids, fracatlas_images, write_dx_study  # noqa: E402
 from tests.nodeproc import NodeProcess, node_config  # noqa: E402
 from tests.peers import Orthanc, free_port, require  # noqa: E402
 
@@ -54,24 +54,9 @@ def wait_results(pacs: Orthanc, study_uid: str, expected: int, timeout: float = 
     raise SystemExit(f"results of {study_uid} did not arrive within {timeout}s")
 
 
-def readable(model) -> list[Path]:
-    """The fixture images the model reads: one it declines as outside its domain gets no results (its study is
-    skipped), so it would never arrive and would only flatter the figures if it did."""
-    from inference.pixels import display_uint8
-
-    keep = []
-    for img in sorted(set(fracatlas_images(12))):
-        (r,) = model.predict_arrays([display_uint8(dx_from_image(img))], [img.name])
-        if r.processed:
-            keep.append(img)
-        else:
-            print(f"left out, declined by the model as outside its domain: {img.name}", file=sys.stderr)
-    return keep
-
-
-def make_study(out: Path, images: list[Path], n: int, offset: int) -> list[Path]:
-    chosen = [images[(offset + i) % len(images)] for i in range(n)]
-    return write_dx_study(out, chosen, patient_id=f"BENCH{offset}")
+def make_study(out: Path, n: int, offset: int) -> list[Path]:
+    # the fixtures the model reads: a study of one it declines as outside its domain gets no results
+    return write_dx_study(out, fracatlas_images(n, offset=offset, readable=True), patient_id=f"BENCH{offset}")
 
 
 def listener_mb_per_s(port: int, files: list[Path]) -> float:
@@ -111,8 +96,7 @@ def main() -> int:
     from inference import load_bundle
 
     model = load_bundle(device="cpu")
-    images = readable(model)
-    latency_studies = {n: [make_study(work / f"lat{n}_{rep}", images, n, offset + 5 * rep) for rep in range(2)]
+    latency_studies = {n: [make_study(work / f"lat{n}_{rep}", n, offset + 5 * rep) for rep in range(2)]
                        for n, offset in ((1, 0), (4, 10))}
     bare = {n: bare_model_seconds(studies[0], model) for n, studies in latency_studies.items()}
     del model
@@ -143,7 +127,7 @@ def main() -> int:
                                  patient_id="LISTENER")
             idle = listener_mb_per_s(node.port, big)
             # 2. sustained, with 3b. the listener measured while the model works
-            studies = [make_study(work / f"s{i}", images, 1, 300 + i) for i in range(args.studies)]
+            studies = [make_study(work / f"s{i}", 1, 300 + i) for i in range(args.studies)]
             t0 = time.perf_counter()
             pushed = []
             pusher = threading.Thread(target=lambda: [pushed.append(push_study(pacs, s)[0]) for s in studies])

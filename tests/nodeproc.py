@@ -88,6 +88,17 @@ class NodeProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def ready(self) -> bool:
+        """Whether the node's /readyz answers 200 (every check of the roles it runs passes)."""
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.http_url + "/readyz", timeout=5) as rsp:
+                return rsp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

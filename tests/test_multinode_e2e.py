@@ -50,17 +50,6 @@ def multinode_config(workdir: Path, *, port: int, roles: list[str], database_url
     )
 
 
-def _ready(node: NodeProcess) -> bool:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(node.http_url + "/readyz", timeout=5) as rsp:
-            return rsp.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def all_changes(pacs: Orthanc) -> list[dict]:
     out, since = [], 0
     while True:
@@ -113,7 +102,7 @@ def test_two_nodes_behind_haproxy_one_killed_every_result_exactly_once(tmp_path)
         assert len(uids) == N_STUDIES
 
         for n in processes:  # every worker has its model loaded
-            wait_until(lambda n=n: _ready(n), timeout=300, what=f"{n.workdir.name} ready", interval=0.5)
+            wait_until(n.ready, timeout=300, what=f"{n.workdir.name} ready", interval=0.5)
         a_prefix = f"/{port_a}:"  # claimed_by names the node's host and DICOM port (Config.node_identity)
         killed_at = None
         held: list[str] = []
