@@ -67,6 +67,9 @@ def cmd_pretrain(args) -> int:
     if args.supervised_epochs:
         if not args.init:
             raise SystemExit("--supervised-epochs adapts a pretrained encoder: give --init BUNDLE")
+        if args.image_size is not None:
+            raise SystemExit("--image-size: adaptation keeps the --init encoder's input size (continue it at "
+                             "another size with MAE pretraining first: pretrain --init B --image-size N)")
         out = adapt(args.init, args.data, args.out, epochs=args.supervised_epochs, seed=args.seed,
                     cache=args.cache, threads=args.threads, device=args.device, max_minutes=args.max_minutes,
                     command=_command_line(), lr=args.lr if args.lr is not None else 2e-4,
@@ -94,7 +97,8 @@ def register(sub) -> None:
     p = msub.add_parser("pretrain", help="self-supervised MAE pretraining of the encoder")
     p.add_argument("--data", required=True, help="data directory (fracatlas/ and/or knee-kl/)")
     p.add_argument("--out", required=True, help="bundle directory to write")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input size (256; with --init: that encoder's, or continue it at this size)")
     for name, help_ in (("dim", "encoder width (256)"), ("depth", "encoder blocks (8)"),
                         ("heads", "encoder attention heads (4)"), ("decoder-dim", "MAE decoder width (192)"),
                         ("decoder-depth", "MAE decoder blocks (3)"), ("decoder-heads", "MAE decoder heads (6)")):

@@ -250,6 +250,10 @@ class PipelineSection(_Section):
     # 0: decode in the inference thread
     decode_workers: Annotated[int, Field(ge=0, le=64)] = 2
     rerun_on_late_images: bool = True
+    # a study none of whose radiographs the model could read (declined as outside its domain, or not
+    # decodable) still gets an SR and a summary capture saying why, sent where the images' routing
+    # rules send those; false: such a study is skipped, and nothing is sent
+    report_not_processed: bool = True
     lease_seconds: Annotated[float, Field(gt=0)] = 600.0  # a claim not renewed for this long is taken back
     threads: Annotated[int, Field(ge=1, le=256)] | None = None  # CPU threads per worker; None: cores - 1
     nice: Annotated[int, Field(ge=0, le=19)] = 10  # workers yield the CPU to the listener

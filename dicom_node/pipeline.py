@@ -148,15 +148,20 @@ class Pipeline:
         self.jobs.heartbeat(claim)
         routed = stages.route(images, results, self.cfg.routing, claim.calling_ae)
         processed = routed.processed
+        dests = routed.destinations
         if not processed:
-            reason = stages.skip_reason(routed.images)
-            self.jobs.skip(claim, reason)
-            return f"skipped ({reason.split(':', 1)[0]})"
+            # radiographs the model declined or could not decode still get a report saying so (the SR and
+            # the summary capture); a study of other objects, or one that routing rules skip, gets nothing
+            dests = routed.report_destinations
+            if not (self.cfg.pipeline.report_not_processed and any(dests.values())):
+                reason = stages.skip_reason(routed.images)
+                self.jobs.skip(claim, reason)
+                return f"skipped ({reason.split(':', 1)[0]})"
 
         version = claim.result_version + 1
         objs = stages.encode(routed.images, routed.results, self.model.info, card=self.model.card,
                              result_version=version, predecessor=self._predecessor(claim) if version > 1 else None)
-        written = self._record(claim, stages.to_part10(objs), routed.destinations)
+        written = self._record(claim, stages.to_part10(objs), dests)
         if not self.jobs.finish(claim, version, written):
             for w in written:
                 self.store.delete(w.file_path)

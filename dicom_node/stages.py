@@ -232,6 +232,10 @@ class Routed:
     results: list[ImageResult]
     rules: list[RoutingRule]
     destinations: dict[str, tuple[str, ...]] = field(default_factory=lambda: {k: () for k in OUTPUT_KINDS})
+    #: where a study none of whose images the model could read still gets its report (the SR and the summary
+    #: capture, saying why): the ``sr`` and ``summary`` destinations of the rules of its radiographs that
+    #: were loaded but declined (outside the model's domain) or could not be decoded; empty if there are none
+    report_destinations: dict[str, tuple[str, ...]] = field(default_factory=lambda: {k: () for k in OUTPUT_KINDS})
 
     @property
     def processed(self) -> list[LoadedImage]:
@@ -241,7 +245,7 @@ class Routed:
 def route(images: Sequence[LoadedImage], results: Sequence[ImageResult], routing: RoutingSection,
           calling_ae: str = "") -> Routed:
     """Apply the first matching routing rule (else ``routing.default``) to each loaded image's result."""
-    out_images, out_results, rules = [], [], []
+    out_images, out_results, rules, declined_rules = [], [], [], []
     for im, r in zip(images, results, strict=True):
         if im.ds is None:  # not loaded: its reason stands
             out_images.append(im)
@@ -259,9 +263,16 @@ def route(images: Sequence[LoadedImage], results: Sequence[ImageResult], routing
                 rules.append(rule)
             else:
                 im = replace(im, reason=r.reason, reason_kind=NOT_PROCESSABLE)
+                declined_rules.append(rule)
         out_images.append(im)
         out_results.append(r)
-    return Routed(out_images, out_results, rules, destinations(rules, calling_ae))
+    report = destinations(declined_rules, calling_ae)
+    report = {k: (v if k in REPORT_KINDS else ()) for k, v in report.items()}
+    return Routed(out_images, out_results, rules, destinations(rules, calling_ae), report)
+
+
+#: the outputs a study with no processed image still gets: the documents that say why (no maps to show)
+REPORT_KINDS = ("sr", "summary")
 
 
 def skip_reason(images: Sequence[LoadedImage]) -> str:
@@ -355,4 +366,4 @@ def write_files(objs: ResultObjects, out_dir: Path | str) -> list[Path]:
 
 __all__ = ["LoadedImage", "Routed", "EncodedObject", "load_instances", "load_file", "unsupported_reason", "infer",
            "predict_in_batches", "route", "skip_reason", "encode", "heatmaps_only", "heatmap_pixels", "to_part10",
-           "write_files", "OUTPUT_OF", "UNSUPPORTED", "ROUTING_RULE", "NOT_PROCESSABLE"]
+           "write_files", "OUTPUT_OF", "REPORT_KINDS", "UNSUPPORTED", "ROUTING_RULE", "NOT_PROCESSABLE"]

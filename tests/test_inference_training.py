@@ -17,6 +17,7 @@ from pydicom.data import get_testdata_file
 
 from dicom_node.cli import main
 from inference import load_bundle
+from inference.bundle import load_mae
 from inference.preprocess import canvas_uint8
 from tests.test_inference_model import DATA, needs_data
 
@@ -40,6 +41,15 @@ def test_pack_pretrain_adapt_fit_heads_infer(tmp_path):
     tr = meta["msk_node"]["training"]["pretrain"]
     assert tr["epochs_done"] == 2 and tr["data_pack"] == pack["command"]
     assert meta["msk_node"]["architecture"]["config"]["dim"] == 32
+    # an encoder continued at a larger input size keeps every weight (fixed sine-cosine positions)
+    assert main(["model", "pretrain", "--init", str(pre), "--image-size", "96", "--data", str(data), "--out",
+                 str(tmp_path / "pre96"), "--epochs", "1", "--stop-after-epochs", "1", "--batch-size", "16",
+                 "--cache", str(tmp_path / "cache96.npz"), "--threads", "2"]) == 0
+    big, big_cfg, _ = load_mae(tmp_path / "pre96")
+    assert (big_cfg.image_size, big_cfg.grid, big_cfg.dim) == (96, 6, 32) and big.encoder.pos.shape[1] == 36
+    with pytest.raises(SystemExit, match="image-size"):
+        main(["model", "pretrain", "--init", str(pre), "--supervised-epochs", "1", "--image-size", "96",
+              "--data", str(data), "--out", str(tmp_path / "x")])
 
     assert main(["model", "pretrain", "--init", str(pre), "--supervised-epochs", "2", "--batch-size", "16",
                  "--head-weight", "kl_grade=2",
@@ -67,6 +77,8 @@ def test_pack_pretrain_adapt_fit_heads_infer(tmp_path):
     # the fracture head's probabilities are Platt-scaled on its development split (5 images, 1 fractured)
     cal = meta["fracture"]["calibration"]
     assert cal["method"] == "platt" and (cal["images"], cal["positives"]) == (5, 1) and cal["scale"] > 0
+    # its thresholds, like its epoch, come from that development split (issue 17: val only measures)
+    assert meta["fracture"]["operating_points"]["split"] == "development"
     assert cal["log_loss_after"] <= cal["log_loss_before"] + 1e-3
     assert {"fracture", "kl_grade", "anatomy"} <= set(model.heads)
     # weights are stored as float16 and come back as the model's float32
@@ -82,6 +94,7 @@ def test_pack_pretrain_adapt_fit_heads_infer(tmp_path):
     assert again["calibration"]["scale_total"] == pytest.approx(again["calibration"]["scale"] * cal["scale"], rel=1e-3)
     assert again["calibration"]["dev_split"] == "patient" and again["calibration"]["calibrated"]
     assert 0 <= again["operating_points"]["suspected"] <= again["operating_points"]["definite"] <= 1
+    assert again["operating_points"]["split"] == "development"
     definite = load_bundle(ad, "cpu").card.heads["fracture"].operating_points.definite
     assert definite == again["operating_points"]["definite"]
     with pytest.raises(SystemExit, match="binary heads"):
@@ -284,3 +297,26 @@ def test_calibration_folds_into_the_heads_last_layer():
             assert torch.equal(after["patch_logits"], before["patch_logits"])
     with pytest.raises(ValueError, match="ensemble"):
         rescale_logits(EnsembleHead([build_head({"type": "linear"}, 32, 1)]), 0.5, 0.0)
+
+
+@needs_data
+def test_device_training_script_runs_every_step_on_a_sample(tmp_path):
+    """scripts/train_on_device.py, the one script an accelerator run gets (issue 17, item 4), in its CPU
+    smoke mode: a tiny encoder continued at a larger size, adapted, every head, the domain bank, val
+    metrics and the card, in one process; what it leaves is a bundle the node loads."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_on_device.py"
+    r = subprocess.run([sys.executable, str(script), "--data", str(DATA), "--out", str(tmp_path / "run"), "--smoke",
+                        "--threads", "2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert [s["step"] for s in run["steps"]] == ["sample", "tiny encoder", "mae", "adapt", "fracture head",
+                                                 "anatomy, view, anomaly", "kl grade head", "domain", "evaluate",
+                                                 "card"]
+    assert "fracture_auroc" in run["val"] and run["bundle_mb"] < 30
+    model = load_bundle(tmp_path / "run" / "bundle", "cpu")
+    assert model.cfg.image_size == 96 and {"fracture", "kl_grade", "anatomy", "view"} <= set(model.heads)
+    assert model.domain_bank is not None and model.anomaly_mean is not None
+    assert not (tmp_path / "run" / "work").exists()  # the caches stay behind

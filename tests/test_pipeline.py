@@ -252,6 +252,46 @@ def test_mixed_study_good_undecodable_and_sr_object(make_node, tmp_path):
         assert echoscu("127.0.0.1", node.port, calling="COUNTER").returncode == 0  # and it keeps serving
 
 
+def test_a_study_the_model_declines_gets_a_report_not_silence(make_node, tmp_path):
+    """A chest radiograph sent alone (RG1: outside the model's domain) comes back as an SR and a summary
+    capture that say it was not processed and why; no maps. With pipeline.report_not_processed off, such a
+    study is skipped and nothing is sent."""
+    from tests.counting_scp import CountingSCPProcess
+
+    with CountingSCPProcess(tmp_path / "received.json", aet="COUNTER") as counter:
+        peers = [{"ae_title": "COUNTER", "host": "127.0.0.1", "port": counter.port}]
+        chest = copy_with_new_uids(pydicom_radiographs()[0], tmp_path / "rg1.dcm", study_uid=generate_uid())
+        study_uid = str(pydicom.dcmread(chest, stop_before_pixels=True).StudyInstanceUID)
+        node = pipeline_node(make_node, counter.port, peers=peers)
+        storescu("127.0.0.1", node.port, [chest], calling="COUNTER")
+        node.wait_for(lambda: _jobs(node) and _jobs(node)[0]["state"] == "sent", timeout=240, interval=1,
+                      what="sent")
+        received = counter.received()
+        assert sorted(r["SOPClassUID"] for r in received.values()) == sorted([SC_CLASS, SR_CLASS])  # no maps
+        from storage.index import Index
+        from storage.jobs import Jobs
+
+        index = Index(node.cfg["storage"]["database_url"])
+        rows = {r["kind"]: r for r in Jobs(index).result_objects(study_uid)}
+        index.close()
+        assert set(rows) == {"sr", "summary"}
+        sr_file = node.storage / rows["sr"]["file_path"]
+        texts = [str(e.value) for e in pydicom.dcmread(sr_file).iterall() if e.keyword == "TextValue"]
+        assert any(t.startswith("outside the model's domain") for t in texts), texts
+        r = dciodvfy(sr_file)
+        assert r.returncode == 0 and not [ln for ln in r.stderr.splitlines() if ln.startswith("Error")]
+        node.stop()
+
+        quiet = pipeline_node(make_node, counter.port, peers=peers, name="quiet",
+                              pipeline={"report_not_processed": False})
+        again = copy_with_new_uids(pydicom_radiographs()[0], tmp_path / "rg1b.dcm", study_uid=generate_uid())
+        storescu("127.0.0.1", quiet.port, [again], calling="COUNTER")
+        quiet.wait_for(lambda: _jobs(quiet) and _jobs(quiet)[0]["state"] == "skipped", timeout=240, interval=1,
+                       what="skipped")
+        assert "outside the model's domain" in _jobs(quiet)[0]["state_reason"]
+        assert len(counter.received()) == 2  # nothing more arrived
+
+
 @pytest.mark.slow
 def test_dead_letter_retry_and_retention_keeps_undelivered(make_node, tmp_path):
     """A destination that stays down: deliveries go dead and the study fails; `dicom-node retry` re-queues

@@ -320,12 +320,15 @@ def render_heatmap(display: np.ndarray, result: ImageResult, model: ModelInfo, t
     for t in text_lines[1:]:
         draw.text((pad, y), t, font=fnt, fill=enum.TEXT)
         y += line
-    _legend(draw, pad, y + lay.font_size // 4, lay, fnt, map_label if heat_small is not None else "", line_width)
+    _legend(draw, pad, y + lay.font_size // 4, lay, fnt, map_label if heat_small is not None else "", line_width,
+            anomaly=any(region.source != "fracture" for region, _ in numbered))
     return np.asarray(canvas, dtype=np.uint8)
 
 
-def _legend(draw: ImageDraw.ImageDraw, x: int, y: int, lay: Layout, fnt, map_label: str, line_width: int) -> None:
-    """Two rows: the colour bar with its map's name, then the box styles."""
+def _legend(draw: ImageDraw.ImageDraw, x: int, y: int, lay: Layout, fnt, map_label: str, line_width: int,
+            anomaly: bool = False) -> None:
+    """Two rows: the colour bar with its map's name, then the box styles (the anomaly region's only where the
+    image has one: a bundle whose anomaly map is not a localiser reports none)."""
     h = lay.font_size
     x_start = x
     if map_label:
@@ -348,6 +351,8 @@ def _legend(draw: ImageDraw.ImageDraw, x: int, y: int, lay: Layout, fnt, map_lab
     _dotted_rectangle(draw, (x, y, x + sample, y + h), enum.SUSPECTED, line_width)
     x += sample + h // 2
     draw.text((x, y), "suspected fracture", font=fnt, fill=enum.TEXT)
+    if not anomaly:
+        return
     x += int(draw.textlength("suspected fracture", font=fnt)) + 2 * h
     draw.rectangle((x, y, x + sample, y + h), outline=enum.ANOMALY, width=max(1, line_width // 2))
     x += sample + h // 2
@@ -441,7 +446,8 @@ def render_summary(results: Sequence[ImageResult], labels: Sequence[str], model:
         y += line
     draw.text((x0, y + line // 2), "Fracture: definite = high-specificity operating point, suspected = "
               "high-sensitivity operating point.", font=font(16), fill=enum.TEXT)
+    tags = "F = fracture, A = anomaly" if any(g.source != "fracture" for r in results if r.processed
+                                              for g in r.reported_regions()) else "F = fracture"
     draw.text((x0, y + line // 2 + 22), "Regions: the boxes on each image's heatmap and in the structured report "
-              "(F = fracture, A = anomaly); \"not localised\": a positive call without a box.", font=font(16),
-              fill=enum.TEXT)
+              f"({tags}); \"not localised\": a positive call without a box.", font=font(16), fill=enum.TEXT)
     return np.asarray(canvas, dtype=np.uint8)

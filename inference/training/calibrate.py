@@ -60,9 +60,10 @@ def calibrate(head, tokens: torch.Tensor, y: np.ndarray) -> dict:
 
 def calibrate_head(emb: Embedded, bundle: str | Path, name: str, command: str = "") -> dict:
     """Platt-scale the binary head ``name`` of ``bundle`` on the development split it was selected on,
-    then choose its operating points again on val (same sensitivity and specificity, thresholds on
-    the calibrated probabilities). For heads fitted before ``fit-heads`` calibrated them itself.
-    Calibrating twice composes: the record gives the total scale and shift."""
+    then choose its operating points again on that split (same sensitivity and specificity, thresholds on
+    the calibrated probabilities; on val only where it lacks a class, recorded so). For heads fitted
+    before ``fit-heads`` calibrated them itself. Calibrating twice composes: the record gives the total
+    scale and shift."""
     from safetensors.torch import load_file
 
     from inference.bundle import _now, half, read_metadata, save_tensors, write_metadata
@@ -88,11 +89,16 @@ def calibrate_head(emb: Embedded, bundle: str | Path, name: str, command: str = 
     tokens = emb.inputs(input_layer(arch, emb.cfg.depth))
     y_dev = np.array([target(emb.records[i]) for i in dev])
     y_va = np.array([target(emb.records[i]) for i in va])
-    if len(set(y_va.tolist())) < 2:
-        raise ValueError(f"head {name!r}: no validation images with both classes to choose thresholds on")
+    if len(set(y_va.tolist())) < 2 and len(set(y_dev.tolist())) < 2:
+        raise ValueError(f"head {name!r}: neither the development split nor val has both classes to choose "
+                         f"thresholds on")
     cal = calibrate(head, tokens[dev], y_dev)
-    p_va, _ = predict_tokens(head, "binary", tokens[va])
-    ops = operating_points(y_va, p_va)
+    if len(set(y_dev.tolist())) == 2:  # thresholds are chosen on the development split, like the epoch
+        p_dev, _ = predict_tokens(head, "binary", tokens[dev])
+        ops = {**operating_points(y_dev, p_dev), "split": "development"}
+    else:
+        p_va, _ = predict_tokens(head, "binary", tokens[va])
+        ops = {**operating_points(y_va, p_va), "split": "val"}
     previous = entry.get("calibration")
     if previous:  # a second Platt step on calibrated logits: a2 (a1 z + c1) + c2
         cal["scale_total"] = round(cal["scale"] * previous.get("scale_total", previous["scale"]), 5)

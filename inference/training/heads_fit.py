@@ -263,11 +263,17 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
     result = {"head": head, "kind": kind, "labels": labels, "arch": arch, "train_images": int(len(tr)),
               "dev_images": int(len(dev)) if dev is not None else 0, "val_images": int(len(va)), "selection": info,
               "dev_split": dev_split_by, "calibration": calibration}
+    if kind == "binary" and dev is not None and len(set(ys(dev).tolist())) == 2:
+        # thresholds, like epochs, are chosen on the development split; val only measures
+        p_dev, _ = predict_tokens(head, kind, tokens[dev])
+        result["operating_points"] = {**operating_points(ys(dev), p_dev), "split": "development"}
     if len(va):
         p, _ = predict_tokens(head, kind, tokens[va])
         result["val_y"], result["val_p"] = ys(va), p
-        if kind == "binary" and len(set(ys(va).tolist())) == 2:
-            result["operating_points"] = operating_points(ys(va), p)
+        if kind == "binary" and "operating_points" not in result and len(set(ys(va).tolist())) == 2:
+            # a label budget leaves no development split: the thresholds come from val (recorded so)
+            log.warning("head %s: no development split with both classes; operating points chosen on val", name)
+            result["operating_points"] = {**operating_points(ys(va), p), "split": "val"}
     return result
 
 

@@ -20,7 +20,7 @@ from inference.vit import MAE, ViTConfig
 
 log = logging.getLogger(__name__)
 
-def pretrain(data_dir: str, out: str, *, image_size: int = 256, epochs: int = 10, batch_size: int = 64,
+def pretrain(data_dir: str, out: str, *, image_size: int | None = None, epochs: int = 10, batch_size: int = 64,
              lr: float = 5e-4, weight_decay: float = 0.05, seed: int = 0, cache: str | None = None,
              splits: tuple[str, ...] = ("train",), init: str | None = None, threads: int | None = None,
              device: str = "cpu", max_minutes: float | None = None, command: str = "",
@@ -28,7 +28,10 @@ def pretrain(data_dir: str, out: str, *, image_size: int = 256, epochs: int = 10
     """MAE-pretrain an encoder on every image of ``splits`` under ``data_dir``; write a bundle to ``out``.
 
     ``arch`` overrides :class:`ViTConfig` fields (dim, depth, heads, decoder_*). Images and
-    augmentation stay on ``device``; bf16 autocast on CUDA.
+    augmentation stay on ``device``; bf16 autocast on CUDA. ``image_size`` (default 256, or ``init``'s):
+    with ``init``, a different size continues that encoder at this input size (the position embeddings
+    are fixed sine-cosine, made for the new grid; every weight carries over), the cheap way to a
+    higher-resolution encoder on a short accelerator budget.
     """
     from inference.bundle import load_mae, write_pretrained_bundle
 
@@ -39,8 +42,15 @@ def pretrain(data_dir: str, out: str, *, image_size: int = 256, epochs: int = 10
     if init:
         mae, cfg, _ = load_mae(init)
         log.info("continuing from %s", init)
+        if image_size is not None and image_size != cfg.image_size:
+            resized = ViTConfig.from_dict({**cfg.to_dict(), "image_size": image_size})
+            state = mae.state_dict()
+            mae = MAE(resized)
+            mae.load_state_dict(state)  # the position embeddings are buffers made for the new grid
+            log.info("input size %d -> %d (grid %d -> %d)", cfg.image_size, image_size, cfg.grid, resized.grid)
+            cfg = resized
     else:
-        cfg = ViTConfig.from_dict({**ViTConfig().to_dict(), "image_size": image_size, **(arch or {})})
+        cfg = ViTConfig.from_dict({**ViTConfig().to_dict(), "image_size": image_size or 256, **(arch or {})})
         mae = MAE(cfg)
     log.info("encoder %s: %.2f M parameters (decoder %.2f M)", cfg.to_dict(),
              sum(p.numel() for p in mae.encoder.parameters()) / 1e6,
