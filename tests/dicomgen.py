@@ -46,7 +46,8 @@ def fracatlas_available() -> bool:
 
 
 #: fixture radiographs the shipped model declines as outside its domain (a whole-arm lateral); a study of them alone
-#: is skipped, so tests that need results leave them out (``readable=True``). tests/test_fixtures.py checks the list.
+#: gets only an SR and a summary saying so (no maps), so tests that need findings leave them out (``readable=True``).
+#: tests/test_fixtures.py checks the list.
 DECLINED_FIXTURES = frozenset({"IMG0000025.jpg"})
 
 
