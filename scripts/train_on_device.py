@@ -5,8 +5,9 @@ The budget is about 15 minutes of device time in all, start-up included, so this
 script, run once: it continues the shipped encoder's MAE pretraining at a higher input size (its
 position embeddings are fixed sine-cosine, so every weight carries over), adapts it on the labels,
 fits the heads, the anomaly statistics and the out-of-domain bank, evaluates on val and writes the
-candidate bundle with its metrics under ``--out``. Each step has its own minutes; a step that runs
-out stops after its current epoch and the next one starts, so the whole stays inside ``--minutes``.
+candidate bundle with its metrics under ``--out``. The two encoder steps have their own minutes
+(:data:`BUDGET`); one that runs out stops after its current epoch and the next step starts, so the whole
+stays inside about 10 minutes of device time.
 
 On the development machine (no accelerator) ``--smoke`` runs the same steps on a small sample with
 tiny budgets, on the CPU: that is how the script is tested before a device is spent on it.
@@ -17,7 +18,7 @@ tiny budgets, on the CPU: that is how the script is tested before a device is sp
     # on the device (`run` with carry ["pack"]):
     python scripts/train_on_device.py --data pack --out "$OUT" --device cuda
 
-The candidate is not shipped by this script: compare its ``metrics.json`` with the shipped card's,
+The candidate is not shipped by this script: compare its ``run.json`` with the shipped card's figures,
 choose on the development figures, and only then copy it over ``inference/bundles/msk-foundation``
 (carrying the card's notes over).
 """

@@ -162,12 +162,16 @@ def layout(rows: int, columns: int, n_text_lines: int = 3, max_side: int = enum.
 
 
 # -- heatmap ---------------------------------------------------------------------------------------------
+#: the maps a heatmap can draw, in order of preference, with their names (legend: "<name> map")
+_MAPS = (("fracture_map", "fracture localisation"), ("anomaly_map", "anomaly (reconstruction error)"))
+
+
 def choose_map(result: ImageResult, size: tuple[int, int] | None = None) -> tuple[np.ndarray | None, str]:
     """The map drawn on the heatmap: the fracture map if there is one, else the anomaly map; in the source
     geometry, or at ``size`` (height, width: the capture's image part), made there directly where the model
     keeps the map on its grid (:class:`inference.preprocess.SourceMap`), else resized bilinearly."""
-    for arr, label in ((result.fracture_map, "fracture localisation"),
-                       (result.anomaly_map, "anomaly (reconstruction error)")):  # legend: "<label> map"
+    for attr, label in _MAPS:
+        arr = getattr(result, attr)
         if arr is not None:
             if tuple(arr.shape) != (result.rows, result.columns):
                 raise EncodingError(f"{label} map has shape {tuple(arr.shape)}, the image is "
@@ -185,9 +189,7 @@ def choose_map(result: ImageResult, size: tuple[int, int] | None = None) -> tupl
 
 def map_label(result: ImageResult) -> str:
     """The name of the map :func:`choose_map` draws ("" for none), without making the map."""
-    if result.fracture_map is not None:
-        return "fracture localisation"
-    return "anomaly (reconstruction error)" if result.anomaly_map is not None else ""
+    return next((label for attr, label in _MAPS if getattr(result, attr) is not None), "")
 
 
 def blend(display: np.ndarray, heat: np.ndarray | None) -> np.ndarray:

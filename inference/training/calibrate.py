@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.training.metrics import log_loss, operating_points
+from inference.training.metrics import log_loss, operating_points, threshold_split
 from inference.training.splits import dev_split
 from inference.training.targets import head_targets
 from inference.training.tokens import Embedded, predict_logits, predict_tokens
@@ -89,16 +89,14 @@ def calibrate_head(emb: Embedded, bundle: str | Path, name: str, command: str = 
     tokens = emb.inputs(input_layer(arch, emb.cfg.depth))
     y_dev = np.array([target(emb.records[i]) for i in dev])
     y_va = np.array([target(emb.records[i]) for i in va])
-    if len(set(y_va.tolist())) < 2 and len(set(y_dev.tolist())) < 2:
+    split = threshold_split(y_dev, y_va, name)
+    if split is None:
         raise ValueError(f"head {name!r}: neither the development split nor val has both classes to choose "
                          f"thresholds on")
     cal = calibrate(head, tokens[dev], y_dev)
-    if len(set(y_dev.tolist())) == 2:  # thresholds are chosen on the development split, like the epoch
-        p_dev, _ = predict_tokens(head, "binary", tokens[dev])
-        ops = {**operating_points(y_dev, p_dev), "split": "development"}
-    else:
-        p_va, _ = predict_tokens(head, "binary", tokens[va])
-        ops = {**operating_points(y_va, p_va), "split": "val"}
+    on, y_on = (dev, y_dev) if split == "development" else (va, y_va)
+    p_on, _ = predict_tokens(head, "binary", tokens[on])
+    ops = {**operating_points(y_on, p_on), "split": split}
     previous = entry.get("calibration")
     if previous:  # a second Platt step on calibrated logits: a2 (a1 z + c1) + c2
         cal["scale_total"] = round(cal["scale"] * previous.get("scale_total", previous["scale"]), 5)

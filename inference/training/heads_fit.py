@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from inference.training.augment import augment
 from inference.training.calibrate import calibrate
-from inference.training.metrics import operating_points, score
+from inference.training.metrics import operating_points, score, threshold_split
 from inference.training.runtime import DeviceImages, autocast, to_input
 from inference.training.splits import clean_dev_split, dev_split
 from inference.training.targets import head_loss, head_targets, patch_targets
@@ -263,17 +263,14 @@ def fit_head(emb: Embedded, name: str, *, kind: str | None = None, labels: list[
     result = {"head": head, "kind": kind, "labels": labels, "arch": arch, "train_images": int(len(tr)),
               "dev_images": int(len(dev)) if dev is not None else 0, "val_images": int(len(va)), "selection": info,
               "dev_split": dev_split_by, "calibration": calibration}
-    if kind == "binary" and dev is not None and len(set(ys(dev).tolist())) == 2:
-        # thresholds, like epochs, are chosen on the development split; val only measures
-        p_dev, _ = predict_tokens(head, kind, tokens[dev])
-        result["operating_points"] = {**operating_points(ys(dev), p_dev), "split": "development"}
     if len(va):
         p, _ = predict_tokens(head, kind, tokens[va])
         result["val_y"], result["val_p"] = ys(va), p
-        if kind == "binary" and "operating_points" not in result and len(set(ys(va).tolist())) == 2:
-            # a label budget leaves no development split: the thresholds come from val (recorded so)
-            log.warning("head %s: no development split with both classes; operating points chosen on val", name)
-            result["operating_points"] = {**operating_points(ys(va), p), "split": "val"}
+    split = threshold_split(ys(dev) if dev is not None else None, ys(va), name) if kind == "binary" else None
+    if split is not None:  # thresholds, like epochs, on the development split
+        on = dev if split == "development" else va
+        p_on, _ = predict_tokens(head, kind, tokens[on])
+        result["operating_points"] = {**operating_points(ys(on), p_on), "split": split}
     return result
 
 

@@ -48,3 +48,15 @@ def operating_points(y: np.ndarray, p: np.ndarray, sensitivity: float = 0.90, sp
     definite = min(max(definite, suspected), 1.0)
     return {"suspected": suspected, "definite": definite,
             "target_sensitivity": sensitivity, "target_specificity": specificity}
+
+
+def threshold_split(y_dev: np.ndarray | None, y_val: np.ndarray | None, head: str = "") -> str | None:
+    """Where a binary head's operating points are chosen: "development", the split its epoch was chosen on,
+    whenever it holds both classes (val then only measures them); "val" where it does not (a label budget
+    leaves none), logged, and recorded by the caller as the points' ``split``; None where neither has both."""
+    if y_dev is not None and len(set(np.asarray(y_dev).tolist())) == 2:
+        return "development"
+    if y_val is not None and len(set(np.asarray(y_val).tolist())) == 2:
+        log.warning("head %s: no development split with both classes; operating points chosen on val", head)
+        return "val"
+    return None
